@@ -1,0 +1,8 @@
+"""layerdiff: where do two ports of a model first disagree, by how much, and why."""
+
+from layerdiff.caffe import CaffeNet, load_caffe
+from layerdiff.errors import LayerdiffError
+from layerdiff.trace import Record, Trace
+
+__version__ = "0.1.0"
+__all__ = ["CaffeNet", "LayerdiffError", "Record", "Trace", "load_caffe", "__version__"]

@@ -1,0 +1,207 @@
+"""The ``layerdiff`` command line.
+
+Exit codes: 0 success, 1 a comparison found a divergence, 2 a usage or input error (one line on
+stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from layerdiff.errors import LayerdiffError
+from layerdiff.inputs import parse_shape, parse_specs
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="model directory, prototxt, torch model or trace .npz")
+    p.add_argument("--prototxt", help="Caffe deploy prototxt (instead of finding it in MODEL)")
+    p.add_argument("--weights", help="Caffe .caffemodel, or torch state_dict beside model.py")
+    p.add_argument("--shape", help="input shape N,C,H,W (or NAME=N,C,H,W;NAME2=...)")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", action="append", metavar="SPEC",
+                   help="ones[:V] | const:V | zeros | randn[:SEED] | uniform:LO,HI[:SEED] | "
+                        "npy:PATH, or NAME=SPEC per input (repeatable; default uniform:-1,1)")
+    p.add_argument("--dtype", default="float32",
+                   choices=["float32", "float64", "float16", "bfloat16"],
+                   help="compute precision (Caffe engine: float32 or float64)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a whole pickled torch module (runs code from the file)")
+    p.add_argument("--keep-train-mode", action="store_true",
+                   help="do not call eval() on a torch model that arrived in train mode")
+    p.add_argument("--stream", metavar="DIR",
+                   help="write each layer output to DIR as it is computed (memory-mapped)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="layerdiff",
+        description="Layer-by-layer numerical diff for model ports (Caffe <-> PyTorch).")
+    ap.add_argument("--version", action="version", version=_version())
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="list a Caffe model's layers, shapes and port traps")
+    _model_args(p)
+    p.add_argument("--json", action="store_true", help="print the same content as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("run", help="run one model and print per-layer output statistics")
+    _model_args(p)
+    _run_args(p)
+    p.add_argument("--save", metavar="TRACE.npz", help="save the trace (see docs/trace-format.md)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --save file")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("example", help="write the built-in example Caffe model to a directory")
+    p.add_argument("out", help="directory to create (must not exist or be empty)")
+    p.set_defaults(func=cmd_example)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LayerdiffError as e:
+        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+
+
+def _version() -> str:
+    from layerdiff import __version__
+
+    return f"layerdiff {__version__}"
+
+
+def _require_model(args) -> str:
+    if args.model is None and not args.prototxt:
+        raise LayerdiffError("no model given: pass a model directory or --prototxt")
+    return args.model or args.prototxt
+
+
+def _options(args):
+    from layerdiff.sources import ModelOptions
+
+    return ModelOptions(
+        prototxt=args.prototxt, weights=args.weights,
+        shape=parse_shape(args.shape) if args.shape else None,
+        dtype=getattr(args, "dtype", "float32"), device=getattr(args, "device", "cpu"),
+        trust_pickle=getattr(args, "trust_pickle", False),
+        keep_train_mode=getattr(args, "keep_train_mode", False),
+        stream_dir=getattr(args, "stream", None))
+
+
+# -- inspect --------------------------------------------------------------------------------
+def cmd_inspect(args) -> int:
+    from layerdiff.inspect import inspect_net
+    from layerdiff.sources import load_caffe_model
+
+    model = _require_model(args)
+    if Path(model).suffix in (".npz", ".py", ".pt", ".pth", ".pt2"):
+        raise LayerdiffError(f"{model}: inspect reads Caffe models (a prototxt or its directory)")
+    ins = inspect_net(load_caffe_model(model, _options(args)))
+    if args.json:
+        print(json.dumps(ins.to_dict(), indent=1))
+        return 0
+    table = Table(title=f"{ins.model}", title_justify="left", header_style="bold")
+    for col in ("#", "name", "type", "bottoms -> tops", "output shape", "params", "blobs"):
+        table.add_column(col, overflow="fold")
+    for r in ins.layers:
+        shapes = " ".join("?" if s is None else "x".join(map(str, s)) for s in r.output_shapes)
+        blobs = " ".join("x".join(map(str, b)) or "scalar" for b in r.blob_shapes)
+        flow = f"{', '.join(r.bottoms) or '-'} -> {', '.join(r.tops) or '-'}"
+        table.add_row(str(r.index), r.name, r.type + (" (in-place)" if r.in_place else ""),
+                      flow, shapes, r.params, blobs)
+    out.print(table)
+    lines = [f"[bold]{f.kind}[/]: {f.message}" for f in ins.findings]
+    lines += [f"note: {n}" for n in ins.notes]
+    if ins.unsupported:
+        lines.append("[yellow]unsupported layer types (shapes unknown past them): "
+                     + ", ".join(ins.unsupported) + "[/]")
+    if not ins.weights:
+        lines.append("no caffemodel: structure only (blob values unknown)")
+    out.print(Panel("\n".join(lines) or "nothing to report", title="findings"))
+    return 0
+
+
+# -- run ------------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    from rich.progress import Progress
+
+    from layerdiff.sources import trace_model
+
+    model = _require_model(args)
+    save = Path(args.save) if args.save else None
+    if save is not None and save.exists() and not args.force:
+        raise LayerdiffError(f"{save}: already exists; pass --force to overwrite it")
+    specs = parse_specs(args.input)
+    if any(s.channel_symmetric for s in specs.values()):
+        err.print("note: a constant input is the same in every channel, so it cannot reveal a "
+                  "BGR/RGB channel swap")
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("running", total=None)
+
+        def progress(i: int, n: int, name: str) -> None:
+            bar.update(task, total=n, completed=i, description=name[:30])
+
+        trace = trace_model(model, specs, _options(args), progress=progress)
+    table = Table(title=f"{trace.meta.get('framework', '?')} trace of {model} "
+                        f"({trace.meta.get('dtype', '')})", title_justify="left",
+                  header_style="bold")
+    for col in ("#", "name", "kind", "top", "shape", "min", "max", "mean", "std", "nan", "inf"):
+        table.add_column(col, justify="right" if col in ("#", "min", "max", "mean", "std",
+                                                         "nan", "inf") else "left")
+    for rec in trace:
+        for top, arr in zip(rec.tops, rec.outputs, strict=True):
+            s = _stats(arr)
+            table.add_row(str(rec.index), rec.name, rec.kind, top, "x".join(map(str, arr.shape)),
+                          *s)
+    out.print(table)
+    if save is not None:
+        trace.save(save)
+        out.print(f"saved {len(trace)} records to {save}")
+    return 0
+
+
+def _stats(arr: np.ndarray) -> list[str]:
+    a = np.asarray(arr)
+    if a.size == 0:
+        return ["-"] * 4 + ["0", "0"]
+    a = a.astype(np.float64, copy=False)
+    fin = np.isfinite(a)
+    nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+    v = a[fin] if not fin.all() else a
+    if v.size == 0:
+        return ["-"] * 4 + [str(nan), str(inf)]
+    return [f"{v.min():.4g}", f"{v.max():.4g}", f"{v.mean():.4g}", f"{v.std():.4g}",
+            str(nan), str(inf)]
+
+
+# -- example --------------------------------------------------------------------------------
+def cmd_example(args) -> int:
+    from layerdiff.examples import write_example
+
+    paths = write_example(args.out)
+    for p in paths:
+        out.print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

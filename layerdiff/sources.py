@@ -1,0 +1,87 @@
+"""Turn whatever the user points at (Caffe model, torch model, saved trace) into a Trace."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from layerdiff.errors import InputSpecError, ModelFormatError
+from layerdiff.inputs import InputSpec, make_inputs
+from layerdiff.trace import Trace
+
+TORCH_SUFFIXES = {".pt", ".pth", ".pt2", ".ts", ".torchscript", ".py"}
+
+
+def detect_framework(path: str | Path) -> str:
+    """``caffe``, ``torch`` or ``trace``, from the files at ``path``."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelFormatError(f"{p}: no such file or directory")
+    if p.is_file():
+        if p.suffix == ".npz":
+            return "trace"
+        if p.suffix in (".prototxt", ".caffemodel"):
+            return "caffe"
+        if p.suffix in TORCH_SUFFIXES:
+            return "torch"
+        raise ModelFormatError(f"{p}: cannot tell the model format from the file name "
+                               "(expected .prototxt, .npz, .py, .pt, .pth, .pt2)")
+    if any(p.glob("*.prototxt")):
+        return "caffe"
+    if (p / "model.py").is_file() or any(q.suffix in TORCH_SUFFIXES for q in p.iterdir()):
+        return "torch"
+    raise ModelFormatError(f"{p}: no Caffe prototxt, torch model.py/.pt/.pt2 or trace .npz here")
+
+
+@dataclass
+class ModelOptions:
+    prototxt: str | None = None
+    weights: str | None = None
+    shape: dict[str | None, tuple[int, ...]] | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_pickle: bool = False
+    keep_train_mode: bool = False
+    stream_dir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_caffe_model(path: str | Path, opts: ModelOptions):
+    """The CaffeNet at ``path`` (directory or prototxt), honouring --prototxt/--weights/--shape."""
+    from layerdiff.caffe import load_caffe
+
+    p = None if opts.prototxt and Path(path).is_file() else path
+    return load_caffe(p, prototxt=opts.prototxt, weights=opts.weights, shape=opts.shape)
+
+
+def trace_model(path: str | Path, specs: dict[str | None, InputSpec], opts: ModelOptions,
+                progress=None, inputs: dict[str, np.ndarray] | None = None) -> Trace:
+    """Run the model at ``path`` on ``inputs``, or on inputs made from ``specs``."""
+    fw = detect_framework(path)
+    if fw == "trace":
+        return Trace.load(path)
+    if fw == "caffe":
+        from layerdiff.adapters.caffe import capture_caffe
+
+        net = load_caffe_model(path, opts)
+        if inputs is None:
+            inputs = make_inputs(specs, net.inputs)
+        return capture_caffe(net, inputs, dtype=opts.dtype, stream_dir=opts.stream_dir,
+                             progress=progress)
+    from layerdiff.adapters.torch import capture_torch, input_shapes, load_torch
+
+    model = load_torch(path, trust_pickle=opts.trust_pickle, weights=opts.weights)
+    if inputs is None:
+        if opts.shape:
+            shapes = {(k or "input"): v for k, v in opts.shape.items()}
+        else:
+            shapes = input_shapes(model) or input_shapes(path)
+            if not shapes:
+                raise InputSpecError(f"{path}: the torch model does not declare its input "
+                                     "shape; pass --shape N,C,H,W")
+        inputs = make_inputs(specs, dict(shapes))
+    return capture_torch(model, inputs, device=opts.device, dtype=opts.dtype,
+                         keep_train_mode=opts.keep_train_mode)
