@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from rich.table import Table
 from layerdiff.errors import LayerdiffError
 from layerdiff.inputs import parse_shape, parse_specs
 
-out = Console(highlight=False)
+# Piped output (logs, CI) gets a wide table instead of rich's 80-column default.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else
+              int(os.environ.get("COLUMNS", "160")))
 err = Console(stderr=True, highlight=False)
 
 
@@ -28,6 +31,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prototxt", help="Caffe deploy prototxt (instead of finding it in MODEL)")
     p.add_argument("--weights", help="Caffe .caffemodel, or torch state_dict beside model.py")
     p.add_argument("--shape", help="input shape N,C,H,W (or NAME=N,C,H,W;NAME2=...)")
+
+
+def _side_args(p: argparse.ArgumentParser) -> None:
+    for side in ("ref", "cand"):
+        p.add_argument(f"--{side}-prototxt", help=f"{side} Caffe prototxt (explicit file)")
+        p.add_argument(f"--{side}-weights", help=f"{side} caffemodel or torch state_dict")
+        p.add_argument(f"--{side}-dtype", choices=["float32", "float64", "float16", "bfloat16"],
+                       help=f"{side} precision (default --dtype)")
+        p.add_argument(f"--{side}-device", choices=["cpu", "cuda"],
+                       help=f"{side} torch device (default --device)")
+    p.add_argument("--shape", help="input shape N,C,H,W (or NAME=N,C,H,W;...)")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -64,6 +78,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", metavar="TRACE.npz", help="save the trace (see docs/trace-format.md)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --save file")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compare", help="run two models on one input and find where they diverge")
+    p.add_argument("reference", help="reference: Caffe model, torch model or trace .npz")
+    p.add_argument("candidate", help="candidate: Caffe model, torch model or trace .npz")
+    _side_args(p)
+    _run_args(p)
+    p.add_argument("--map", help="TOML map file pairing layer names (see docs/alignment.md)")
+    p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default 1e-6)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="tolerance relative to the layer's max|ref| (default 1e-4)")
+    p.add_argument("--no-noise-floor", action="store_true",
+                   help="do not widen tolerances by the reference's measured float32 noise")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first divergence")
+    p.add_argument("--csv", help="write the per-layer table as CSV")
+    p.add_argument("--json", dest="json_out", help="write the result as JSON")
+    p.add_argument("--markdown", help="write the per-layer table as Markdown")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--summary-only", action="store_true", help="print only the summary")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("align", help="print how the layers of two models pair up")
+    p.add_argument("reference")
+    p.add_argument("candidate")
+    _side_args(p)
+    _run_args(p)
+    p.add_argument("--map", help="TOML map file to start from")
+    p.add_argument("--write-map", metavar="MAP.toml", help="write the mapping as a map file")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --write-map file")
+    p.set_defaults(func=cmd_align)
 
     p = sub.add_parser("example", help="write the built-in example Caffe model to a directory")
     p.add_argument("out", help="directory to create (must not exist or be empty)")
@@ -191,6 +234,87 @@ def _stats(arr: np.ndarray) -> list[str]:
         return ["-"] * 4 + [str(nan), str(inf)]
     return [f"{v.min():.4g}", f"{v.max():.4g}", f"{v.mean():.4g}", f"{v.std():.4g}",
             str(nan), str(inf)]
+
+
+# -- compare / align ------------------------------------------------------------------------
+def _side_options(args, side: str):
+    from layerdiff.sources import ModelOptions
+
+    return ModelOptions(
+        prototxt=getattr(args, f"{side}_prototxt"), weights=getattr(args, f"{side}_weights"),
+        shape=parse_shape(args.shape) if args.shape else None,
+        dtype=getattr(args, f"{side}_dtype") or args.dtype,
+        device=getattr(args, f"{side}_device") or args.device,
+        trust_pickle=args.trust_pickle, keep_train_mode=args.keep_train_mode,
+        stream_dir=(str(Path(args.stream) / side) if args.stream else None))
+
+
+def _progress_bar():
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                   TextColumn("{task.fields[layer]}"), console=err, transient=True)
+    tasks: dict[str, int] = {}
+
+    def progress(side: str, i: int, n: int, name: str) -> None:
+        if side not in tasks:
+            tasks[side] = bar.add_task(side, total=n, layer="")
+        bar.update(tasks[side], total=n, completed=i, layer=name[:40])
+
+    return bar, progress
+
+
+def cmd_compare(args) -> int:
+    from layerdiff.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare
+    from layerdiff.report import render, write_outputs
+
+    for p in (args.csv, args.json_out, args.markdown):
+        if p and Path(p).exists() and not args.force:
+            raise LayerdiffError(f"{p}: already exists; pass --force to overwrite it")
+    bar, progress = _progress_bar()
+    with bar:
+        report = compare(
+            args.reference, args.candidate, args.input,
+            atol=DEFAULT_ATOL if args.atol is None else args.atol,
+            rtol=DEFAULT_RTOL if args.rtol is None else args.rtol,
+            map=args.map, noise_floor=not args.no_noise_floor, fail_fast=args.fail_fast,
+            ref_options=_side_options(args, "ref"), cand_options=_side_options(args, "cand"),
+            progress=progress)
+    render(report, out, all_rows=not args.summary_only)
+    for path in write_outputs(report, args.csv, args.json_out, args.markdown, args.force):
+        out.print(f"wrote {path}")
+    return 0 if report else 1
+
+
+def cmd_align(args) -> int:
+    from layerdiff.align import align, load_mapfile
+    from layerdiff.compare import candidate_inputs
+    from layerdiff.sources import trace_model
+
+    target = Path(args.write_map) if args.write_map else None
+    if target is not None and target.exists() and not args.force:
+        raise LayerdiffError(f"{target}: already exists; pass --force to overwrite it")
+    specs = parse_specs(args.input)
+    ref = trace_model(args.reference, specs, _side_options(args, "ref"))
+    copts = _side_options(args, "cand")
+    cand = trace_model(args.candidate, specs, copts,
+                       inputs=candidate_inputs(dict(ref.inputs), args.candidate, copts))
+    al = align(ref, cand, load_mapfile(args.map) if args.map else None)
+    table = Table(title="alignment", title_justify="left", header_style="bold")
+    for col in ("reference", "candidate", "match", "note"):
+        table.add_column(col, overflow="fold")
+    for pair in al.pairs:
+        table.add_row(pair.ref_name, pair.cand_name, pair.method, pair.note)
+    out.print(table)
+    for side, recs in (("reference", al.unaligned_ref), ("candidate", al.unaligned_cand)):
+        if recs:
+            out.print(f"unaligned {side} ({len(recs)}): {', '.join(r.name for r in recs)}")
+    for w in al.warnings:
+        out.print(f"warning: {w}")
+    if target is not None:
+        target.write_text(al.to_mapfile())
+        out.print(f"wrote {target}")
+    return 0
 
 
 # -- example --------------------------------------------------------------------------------

@@ -18,11 +18,13 @@ BN_FACTOR = 999.98236084
 
 PROTOTXT = """\
 name: "layerdiff_example"
-layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 32 dim: 32 } } }
+layer { name: "data" type: "Input" top: "data"
+  input_param { shape { dim: 1 dim: 3 dim: 32 dim: 32 } } }
 layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
   convolution_param { num_output: 8 kernel_size: 3 pad: 1 stride: 1 bias_term: false } }
 layer { name: "bn_conv1" type: "BatchNorm" bottom: "conv1" top: "conv1" }
-layer { name: "scale_conv1" type: "Scale" bottom: "conv1" top: "conv1" scale_param { bias_term: true } }
+layer { name: "scale_conv1" type: "Scale" bottom: "conv1" top: "conv1"
+  scale_param { bias_term: true } }
 layer { name: "conv1_relu" type: "ReLU" bottom: "conv1" top: "conv1" }
 layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
   pooling_param { pool: MAX kernel_size: 3 stride: 2 } }

@@ -9,6 +9,8 @@ Saved format (``Trace.save``, ``.npz``, loaded with ``allow_pickle=False``):
 - ``"{index:04d}|{record name}|{top}"``: the output array of one record's top (the same key
   layout as the golden traces in ``shared/golden``).
 - ``"input|{name}"``: each fed input.
+- ``"param|{index:04d}|{record name}|{param}"``: a record's parameters (Caffe blob index
+  ``"0"``, ``"1"``, ...; torch ``weight``, ``running_mean``, ...), when the adapter kept them.
 - ``"__trace__"``: a uint8 array holding UTF-8 JSON
   ``{"format": "layerdiff-trace/1", "meta": {...}, "inputs": [names],
   "records": [{"index", "name", "kind", "tops", "bottoms", "attrs"}]}``.
@@ -39,9 +41,10 @@ class Record:
 
     ``tops`` names each output (a Caffe blob name, or the record name for frameworks without
     blob names); ``bottoms`` names the blobs it read, so a consumer can find the values a layer
-    saw with :meth:`Trace.value_before`. ``attrs`` holds JSON-able extras (module path, call
-    index, parameters); ``handle`` holds a live framework object (e.g. the torch module and its
-    inputs) for re-running the layer and is never saved.
+    saw with :meth:`Trace.value_before`. ``params`` holds the layer's weights as the
+    framework used them (for weight audits and fingerprint alignment). ``attrs`` holds
+    JSON-able extras (module path, call index, parameters); ``handle`` holds a live framework
+    object (e.g. the torch module and its inputs) for re-running the layer and is never saved.
     """
 
     index: int
@@ -52,6 +55,7 @@ class Record:
     outputs: list[np.ndarray]
     attrs: dict[str, Any] = field(default_factory=dict)
     handle: Any = field(default=None, repr=False, compare=False)
+    params: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def output(self) -> np.ndarray:
@@ -99,6 +103,7 @@ class Trace:
         outputs: list[np.ndarray],
         attrs: dict[str, Any] | None = None,
         handle: Any = None,
+        params: dict[str, np.ndarray] | None = None,
     ) -> Record:
         """Append a record; ``outputs`` must not be mutated by the caller afterwards."""
         if len(tops) != len(outputs):
@@ -109,7 +114,7 @@ class Trace:
         if self.stream_dir is not None:
             outputs = [self._spill(index, k, a) for k, a in enumerate(outputs)]
         rec = Record(index, name, kind, list(tops), list(bottoms), list(outputs),
-                     dict(attrs or {}), handle)
+                     dict(attrs or {}), handle, dict(params or {}))
         self.records.append(rec)
         self._by_name[name] = rec
         return rec
@@ -165,7 +170,7 @@ class Trace:
             "inputs": list(self.inputs),
             "records": [
                 {"index": r.index, "name": r.name, "kind": r.kind, "tops": r.tops,
-                 "bottoms": r.bottoms, "attrs": r.attrs}
+                 "bottoms": r.bottoms, "attrs": r.attrs, "params": list(r.params)}
                 for r in self.records
             ],
         }
@@ -182,6 +187,8 @@ class Trace:
                 for r in self.records:
                     for k, arr in enumerate(r.outputs):
                         _write_npy(zf, r.key(k), arr)
+                    for pname, arr in r.params.items():
+                        _write_npy(zf, f"param|{r.index:04d}|{r.name}|{pname}", arr)
             shutil.move(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -216,7 +223,10 @@ class Trace:
                     if key not in data.files:
                         raise ModelFormatError(f"{path}: record '{r['name']}' lacks array {key!r}")
                     outs.append(data[key])
-                trace.add(r["name"], r["kind"], r["tops"], r["bottoms"], outs, r.get("attrs"))
+                params = {p: data[f"param|{r['index']:04d}|{r['name']}|{p}"]
+                          for p in r.get("params", [])}
+                trace.add(r["name"], r["kind"], r["tops"], r["bottoms"], outs, r.get("attrs"),
+                          params=params)
         trace.meta.setdefault("source", str(path))
         return trace
 

@@ -68,7 +68,12 @@ def make_plan(net: CaffeNet, input_shapes: dict[str, Shape] | None = None,
                 shapes[t] = None
             planned.append(PlannedLayer(lay, impl, None, None, None))
             continue
-        tshapes = [tuple(int(d) for d in s) for s in impl.top_shapes(bshapes)]
+        if lay.type == "Input":  # the fed (or --shape) shapes win over the prototxt's
+            tshapes = [shapes.get(t) or s for t, s in zip(lay.tops, impl.top_shapes([]),
+                                                          strict=True)]
+        else:
+            tshapes = impl.top_shapes(bshapes)
+        tshapes = [tuple(int(d) for d in s) for s in tshapes]
         for s in tshapes:
             if any(d < 0 for d in s):
                 raise impl.invalid(f"negative output shape {list(s)} for inputs {bshapes}")

@@ -38,7 +38,8 @@ def run_caffe(
     if missing:
         raise InputSpecError(
             f"no value given for input(s) {missing}; inputs are {list(net.inputs)}")
-    fed = {k: np.ascontiguousarray(v, dtype=np_dtype) for k, v in inputs.items()}
+    # A private copy: the caller keeps a writable array, the trace a read-only one.
+    fed = {k: np.array(v, dtype=np_dtype, order="C", copy=True) for k, v in inputs.items()}
     shapes = {k: tuple(v.shape) for k, v in fed.items() if k in net.inputs}
     if plan is None or plan.input_shapes != shapes:
         plan = make_plan(net, shapes)
@@ -73,7 +74,8 @@ def run_caffe(
                 raise RuntimeError(f"engine bug: layer '{lay.name}' ({lay.type}) produced "
                                    f"{got}, its shape function said {p.top_shapes}")
         rec = trace.add(lay.name, lay.type, lay.tops, lay.bottoms, outs,
-                        attrs={"source_index": lay.source_index})
+                        attrs={"source_index": lay.source_index}, handle=p,
+                        params={str(k): b for k, b in enumerate(p.blobs or [])})
         for t, o in zip(lay.tops, rec.outputs, strict=True):
             values[t] = o
     if progress is not None:

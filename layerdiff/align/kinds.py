@@ -1,0 +1,80 @@
+"""Op equivalence across frameworks, kept as data (not matcher code).
+
+Each record kind (a Caffe type, a torch module class or a torch op name) maps to one or more
+canonical op families; two records can be paired when their families intersect.
+"""
+
+from __future__ import annotations
+
+FAMILIES: dict[str, set[str]] = {
+    "conv": {"Convolution", "ConvolutionDepthwise", "DepthwiseConvolution", "Conv1d", "Conv2d",
+             "Conv3d", "conv1d", "conv2d", "conv3d"},
+    "deconv": {"Deconvolution", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+               "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"},
+    "linear": {"InnerProduct", "Linear", "linear", "addmm", "matmul", "mm"},
+    "batchnorm": {"BatchNorm", "BN", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm",
+                  "FrozenBatchNorm2d"},
+    "affine": {"Scale", "Bias"},
+    "relu": {"ReLU", "relu", "relu_", "LeakyReLU", "leaky_relu", "leaky_relu_", "ReLU6",
+             "relu6", "hardtanh", "Hardtanh"},
+    "prelu": {"PReLU", "prelu"},
+    "elu": {"ELU", "elu", "elu_"},
+    "sigmoid": {"Sigmoid", "sigmoid", "sigmoid_"},
+    "tanh": {"TanH", "Tanh", "tanh", "tanh_"},
+    "swish": {"Swish", "SiLU", "silu"},
+    "abs": {"AbsVal", "abs"},
+    "clip": {"Clip", "clamp", "clip", "Hardtanh", "hardtanh", "ReLU6", "relu6"},
+    "pool": {"Pooling", "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d",
+             "AvgPool3d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "max_pool2d", "avg_pool2d",
+             "adaptive_avg_pool2d", "adaptive_max_pool2d", "mean"},
+    "eltwise": {"Eltwise", "Axpy", "add", "add_", "iadd", "mul", "mul_", "maximum", "max",
+                "sub"},
+    "concat": {"Concat", "cat", "concat", "stack"},
+    "reshape": {"Flatten", "Reshape", "flatten", "view", "reshape", "Unflatten",
+                "squeeze", "unsqueeze"},
+    "softmax": {"Softmax", "softmax", "Softmax2d", "LogSoftmax", "log_softmax"},
+    "dropout": {"Dropout", "dropout", "Dropout2d", "dropout2d"},
+    "lrn": {"LRN", "LocalResponseNorm", "local_response_norm"},
+    "normalize": {"Normalize", "MVN", "normalize", "LayerNorm", "layer_norm", "GroupNorm",
+                  "InstanceNorm2d", "instance_norm"},
+    "resize": {"Interp", "Upsample", "interpolate", "upsample", "UpsamplingBilinear2d",
+               "UpsamplingNearest2d", "upsample_bilinear2d", "upsample_nearest2d"},
+    "permute": {"Permute", "permute", "transpose", "ShuffleChannel", "channel_shuffle",
+                "ChannelShuffle"},
+    "slice": {"Slice", "split", "chunk", "narrow", "getitem", "__getitem__"},
+    "power": {"Power", "Exp", "Log", "pow", "exp", "log", "sqrt", "rsqrt"},
+}
+
+#: Records that only route data: never aligned, never reported as unaligned.
+PASSTHROUGH = {"Input", "Split", "Silence", "contiguous", "clone", "detach", "to", "Identity",
+               "identity", "size"}
+
+_BY_KIND: dict[str, set[str]] = {}
+for _fam, _kinds in FAMILIES.items():
+    for _k in _kinds:
+        _BY_KIND.setdefault(_k, set()).add(_fam)
+
+
+def families(kind: str) -> set[str]:
+    """Canonical op families of a record kind (empty when unknown)."""
+    return _BY_KIND.get(kind, set())
+
+
+def compatible(a: str, b: str) -> bool:
+    """Whether records of kinds ``a`` and ``b`` may compute the same thing."""
+    return a == b or bool(families(a) & families(b))
+
+
+# Known groups: several records on one side that do the work of one record on the other.
+# (ref kinds in execution order on one blob, cand kinds, description). The aligner absorbs an
+# unmatched record next to a matched one when the pattern fits; the group is compared on the
+# output of its last record.
+REF_GROUPS: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
+    (("BatchNorm", "Scale"), ("batchnorm",), "Caffe BatchNorm + Scale = one BatchNorm"),
+    (("Convolution", "BatchNorm", "Scale"), ("conv",), "BatchNorm + Scale folded into the conv"),
+    (("Convolution", "BatchNorm"), ("conv",), "BatchNorm folded into the conv"),
+    (("InnerProduct", "BatchNorm", "Scale"), ("linear",), "BatchNorm folded into the linear"),
+]
+CAND_GROUPS: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
+    (("reshape", "linear"), ("linear",), "InnerProduct = flatten + Linear"),
+]

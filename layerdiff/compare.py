@@ -1,0 +1,269 @@
+"""``compare``: run both sides on the same input, align, measure, decide, find the first divergence.
+
+Tolerance per aligned pair: ``max|ref - cand| <= atol + rtol * max|ref| + noise_factor * noise``
+where ``noise`` is the reference's own float32 rounding at that layer, measured against a float64
+run of the reference (when the reference can be re-run). A fixed tolerance cannot serve every
+input: on a constant input, near-constant channels make BatchNorm divide by tiny variances and
+float32 noise grows a thousandfold; the float64 reference measures that instead of guessing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from layerdiff.align import Alignment, MapFile, Pair, align, load_mapfile
+from layerdiff.errors import InputSpecError, LayerdiffError
+from layerdiff.inputs import make_inputs, parse_specs
+from layerdiff.metrics import Metrics, measure
+from layerdiff.trace import Trace
+
+DEFAULT_ATOL = 1e-6
+DEFAULT_RTOL = 1e-4
+NOISE_FACTOR = 10.0
+
+
+@dataclass
+class PairResult:
+    position: int
+    pair: Pair
+    metrics: Metrics
+    atol: float
+    rtol: float
+    noise: float | None
+    passed: bool
+    #: every aligned pair producing this pair's inputs passed (or they are model inputs)
+    inputs_pass: bool = True
+
+    @property
+    def tolerance(self) -> float:
+        noise = NOISE_FACTOR * self.noise if self.noise else 0.0
+        return self.atol + self.rtol * self.metrics.ref_max_abs + noise
+
+    def row(self) -> dict[str, Any]:
+        m = self.metrics
+        return {
+            "position": self.position, "reference": self.pair.ref_name,
+            "candidate": self.pair.cand_name, "ref_kind": self.pair.ref[-1].kind,
+            "cand_kind": self.pair.cand[-1].kind, "match": self.pair.method,
+            "note": self.pair.note, "ref_shape": "x".join(map(str, m.ref_shape)),
+            "cand_shape": "x".join(map(str, m.cand_shape)), "max_abs": m.max_abs,
+            "mean_abs": m.mean_abs, "max_rel": m.max_rel, "rmse": m.rmse, "cosine": m.cosine,
+            "snr_db": m.snr_db, "nan_mismatch": m.nan_mismatch, "inf_mismatch": m.inf_mismatch,
+            "worst_index": "" if m.worst_index is None else ",".join(map(str, m.worst_index)),
+            "ref_max_abs": m.ref_max_abs, "noise_floor": self.noise, "tolerance": self.tolerance,
+            "passed": self.passed,
+        }
+
+
+@dataclass
+class Report:
+    """The outcome of a comparison: truthy when every aligned pair passes."""
+
+    results: list[PairResult]
+    alignment: Alignment
+    reference: Trace
+    candidate: Trace
+    options: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    stopped_early: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.results) and all(r.passed for r in self.results)
+
+    @property
+    def failures(self) -> list[PairResult]:
+        return [r for r in self.results if not r.passed]
+
+    @property
+    def first_divergence(self) -> PairResult | None:
+        """The first failing pair, in reference order, whose inputs still pass."""
+        for r in self.results:
+            if not r.passed and r.inputs_pass:
+                return r
+        return None
+
+    @property
+    def worst(self) -> PairResult | None:
+        scored = [r for r in self.results if not math.isnan(r.metrics.max_abs)]
+        if not scored:
+            return self.failures[0] if self.failures else None
+        return max(scored, key=lambda r: r.metrics.scaled_error())
+
+    def to_frame(self):
+        """One row per aligned pair (pandas DataFrame)."""
+        import pandas as pd
+
+        return pd.DataFrame([r.row() for r in self.results])
+
+    def __str__(self) -> str:
+        if self:
+            return f"PASS: {len(self.results)} aligned layers agree"
+        fd = self.first_divergence
+        where = f"first divergence at {fd.pair.ref_name} <-> {fd.pair.cand_name}" if fd else ""
+        return f"FAIL: {len(self.failures)} of {len(self.results)} layers differ; {where}"
+
+
+def compare(
+    reference: Any,
+    candidate: Any,
+    input: str | list[str] | dict[str, np.ndarray] | None = None,  # noqa: A002 - the CLI's name
+    *,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    map: str | Path | MapFile | None = None,  # noqa: A002
+    noise_floor: bool = True,
+    fail_fast: bool = False,
+    ref_options: Any = None,
+    cand_options: Any = None,
+    progress: Callable[[str, int, int, str], None] | None = None,
+) -> Report:
+    """Compare two models (or saved traces) layer by layer.
+
+    ``reference``/``candidate``: a path (Caffe model dir or prototxt, torch model, trace
+    ``.npz``), a :class:`Trace`, a :class:`CaffeNet` or a ``torch.nn.Module``. ``input``: specs
+    like ``"ones:0.5"`` (shapes from the reference) or ``{name: array}``.
+    """
+    from layerdiff.sources import ModelOptions
+
+    ropts = ref_options or ModelOptions()
+    copts = cand_options or ModelOptions()
+    mf = map if isinstance(map, MapFile) or map is None else load_mapfile(map)
+    notes: list[str] = []
+
+    feeds = {k: np.asarray(v) for k, v in input.items()} if isinstance(input, dict) else None
+    specs = parse_specs(input if not isinstance(input, dict) else None)
+    if any(s.channel_symmetric for s in specs.values()) and feeds is None:
+        notes.append("constant input: every channel sees the same values, so a BGR/RGB channel "
+                     "swap cannot show up; use a random input to rule it out")
+
+    def step(side: str):
+        return (lambda i, n, name: progress(side, i, n, name)) if progress else None
+
+    ref_trace = _trace(reference, specs, ropts, feeds, step("reference"))
+    feeds = feeds or dict(ref_trace.inputs)
+    cand_trace = _trace(candidate, specs, copts, candidate_inputs(feeds, candidate, copts),
+                        step("candidate"))
+    floor_trace = None
+    if noise_floor and not isinstance(reference, Trace) and ropts.dtype == "float32" and \
+            not _is_saved_trace(reference):
+        from dataclasses import replace
+
+        floor_trace = _trace(reference, specs, replace(ropts, dtype="float64", stream_dir=None),
+                             feeds, step("float64 reference"))
+
+    alignment = align(ref_trace, cand_trace, mf)
+    notes.extend(alignment.warnings)
+    results: list[PairResult] = []
+    stopped = False
+    pair_of: dict[int, int] = {}
+    for pos, pair in enumerate(alignment.pairs):
+        for r in pair.ref:
+            pair_of[r.index] = pos
+        m = measure(pair.ref_output, pair.cand_output)
+        tol = mf.tolerance_for(pair.ref[-1].name) if mf else {}
+        noise = _noise(floor_trace, pair) if floor_trace is not None else None
+        res = PairResult(pos, pair, m, tol.get("atol", atol), tol.get("rtol", rtol), noise, False)
+        res.passed = m.passes(res.tolerance)
+        res.inputs_pass = _inputs_pass(pair, ref_trace, pair_of, results)
+        results.append(res)
+        if fail_fast and not res.passed and res.inputs_pass:
+            stopped = True
+            break
+    if not alignment.pairs:
+        raise LayerdiffError("no layer of the candidate could be aligned with the reference; "
+                             "write a map file (layerdiff align REF CAND --write-map map.toml)")
+    opts = {"atol": atol, "rtol": rtol, "noise_factor": NOISE_FACTOR if floor_trace else None,
+            "input": input if isinstance(input, (str, list)) else "arrays"}
+    return Report(results, alignment, ref_trace, cand_trace, opts, notes, stopped)
+
+
+def _is_saved_trace(x: Any) -> bool:
+    return isinstance(x, (str, Path)) and Path(x).suffix == ".npz"
+
+
+def _trace(model: Any, specs, opts, feeds, progress) -> Trace:
+    from layerdiff.sources import trace_model
+
+    if isinstance(model, Trace):
+        return model
+    if isinstance(model, (str, Path)):
+        return trace_model(model, specs, opts, progress=progress, inputs=feeds)
+    from layerdiff.caffe import CaffeNet
+
+    if isinstance(model, CaffeNet):
+        from layerdiff.adapters.caffe import capture_caffe
+
+        feeds = feeds or make_inputs(specs, model.inputs)
+        return capture_caffe(model, feeds, dtype=opts.dtype, progress=progress)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        torch = None
+    if torch is not None and isinstance(model, torch.nn.Module):
+        from layerdiff.adapters.torch import capture_torch
+
+        if feeds is None:
+            raise InputSpecError("a torch module as reference needs input arrays: pass "
+                                 "input={name: array}")
+        return capture_torch(model, feeds, device=opts.device, dtype=opts.dtype,
+                             keep_train_mode=opts.keep_train_mode)
+    raise LayerdiffError(f"cannot compare a {type(model).__name__}: pass a path, Trace, "
+                         "CaffeNet or torch.nn.Module")
+
+
+def candidate_inputs(feeds, candidate, opts) -> dict[str, np.ndarray] | None:
+    """The candidate gets the reference's input arrays, by position when names differ."""
+    if feeds is None or isinstance(candidate, Trace) or _is_saved_trace(candidate):
+        return None if isinstance(candidate, Trace) or _is_saved_trace(candidate) else feeds
+    from layerdiff.caffe import CaffeNet
+
+    if isinstance(candidate, CaffeNet):
+        names = list(candidate.inputs)
+        return dict(zip(names, feeds.values(), strict=False))
+    if isinstance(candidate, (str, Path)):
+        from layerdiff.sources import detect_framework, load_caffe_model
+
+        if detect_framework(candidate) == "caffe":
+            names = list(load_caffe_model(candidate, opts).inputs)
+            return dict(zip(names, feeds.values(), strict=False))
+    return feeds
+
+
+def _noise(floor: Trace, pair: Pair) -> float | None:
+    last = pair.ref[-1]
+    if last.name not in floor:
+        return None
+    hi = floor[last.name].outputs[0]
+    lo = last.outputs[0]
+    if np.shape(hi) != np.shape(lo):
+        return None
+    d = np.abs(np.asarray(lo, np.float64) - np.asarray(hi, np.float64))
+    d = d[np.isfinite(d)]
+    return float(d.max()) if d.size else 0.0
+
+
+def _inputs_pass(pair: Pair, ref: Trace, pair_of: dict[int, int],
+                 results: list[PairResult]) -> bool:
+    """Whether the aligned pairs that produced this pair's inputs all passed."""
+    first = pair.ref[0]
+    seen: set[int] = set()
+    todo = [(b, first.index) for b in first.bottoms]
+    while todo:
+        blob, before = todo.pop()
+        producer = next((r for r in reversed(ref.records[:before]) if blob in r.tops), None)
+        if producer is None or producer.index in seen:
+            continue  # a model input
+        seen.add(producer.index)
+        pos = pair_of.get(producer.index)
+        if pos is not None and pos < len(results):
+            if not results[pos].passed:
+                return False
+        else:  # not aligned (a Split, an unmatched layer): look through it
+            todo.extend((b, producer.index) for b in producer.bottoms)
+    return True

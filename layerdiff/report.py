@@ -1,0 +1,129 @@
+"""Render a comparison :class:`~layerdiff.compare.Report`: rich table + summary, or files.
+
+File outputs all come from ``Report.to_frame()``: CSV and JSON via pandas, Markdown written
+here (pandas' own ``to_markdown`` needs an extra package).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from layerdiff.compare import PairResult, Report
+from layerdiff.errors import LayerdiffError
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.{digits}g}"
+
+
+def render(report: Report, console: Console, all_rows: bool = True) -> None:
+    """The per-pair table (failures red, first divergence marked) and the summary panel."""
+    fd = report.first_divergence
+    table = Table(header_style="bold", title="layer by layer", title_justify="left")
+    for col, just in (("#", "right"), ("reference", "left"), ("candidate", "left"),
+                      ("match", "left"), ("shape", "left"), ("max abs", "right"),
+                      ("mean abs", "right"), ("max rel", "right"), ("cosine", "right"),
+                      ("SNR dB", "right"), ("tol", "right"), ("", "left")):
+        table.add_column(col, justify=just, overflow="fold")
+    for r in report.results:
+        m = r.metrics
+        shape = "x".join(map(str, m.ref_shape))
+        if m.ref_shape != m.cand_shape:
+            shape += " vs " + "x".join(map(str, m.cand_shape))
+        status = "ok" if r.passed else ("FIRST DIVERGENCE" if r is fd else "FAIL")
+        style = None if r.passed else ("bold red" if r is fd else "red")
+        table.add_row(str(r.position), r.pair.ref_name, r.pair.cand_name, r.pair.method, shape,
+                      _f(m.max_abs), _f(m.mean_abs), _f(m.max_rel), _f(m.cosine, 6),
+                      _f(m.snr_db, 4), _f(r.tolerance), status, style=style)
+    if all_rows:
+        console.print(table)
+    console.print(summary_panel(report))
+
+
+def summary_panel(report: Report) -> Panel:
+    fd, worst = report.first_divergence, report.worst
+    lines = []
+    n, bad = len(report.results), len(report.failures)
+    verdict = "[bold green]PASS[/]" if report else "[bold red]DIVERGENCE[/]"
+    lines.append(f"{verdict}: {n - bad} of {n} aligned layers agree"
+                 + (" (stopped at the first divergence)" if report.stopped_early else ""))
+    if fd is not None:
+        lines.append(f"first divergence: [bold]{fd.pair.ref_name}[/] <-> "
+                     f"[bold]{fd.pair.cand_name}[/] ({describe(fd)})")
+    if worst is not None and not worst.passed and worst is not fd:
+        lines.append(f"worst layer: {worst.pair.ref_name} <-> {worst.pair.cand_name} "
+                     f"({describe(worst)})")
+    methods = ", ".join(f"{k} {v}" for k, v in report.alignment.methods().items())
+    lines.append(f"aligned by: {methods}")
+    for side, recs in (("reference", report.alignment.unaligned_ref),
+                       ("candidate", report.alignment.unaligned_cand)):
+        if recs:
+            names = ", ".join(r.name for r in recs[:6]) + (", ..." if len(recs) > 6 else "")
+            lines.append(f"unaligned {side} layers ({len(recs)}): {names}")
+    for note in report.notes:
+        lines.append(f"note: {note}")
+    return Panel("\n".join(lines), title="summary", border_style="green" if report else "red")
+
+
+def describe(r: PairResult) -> str:
+    m = r.metrics
+    if not m.shape_match:
+        return (f"shape {list(m.ref_shape)} vs {list(m.cand_shape)}")
+    parts = [f"max abs err {_f(m.max_abs)} > tol {_f(r.tolerance)}" if not r.passed
+             else f"max abs err {_f(m.max_abs)}",
+             f"max|ref| {_f(m.ref_max_abs)}", f"cosine {_f(m.cosine, 6)}"]
+    if m.nan_mismatch or m.inf_mismatch:
+        parts.append(f"NaN mismatches {m.nan_mismatch}, Inf mismatches {m.inf_mismatch}")
+    if m.worst_index is not None:
+        parts.append(f"worst at {list(m.worst_index)}")
+    return ", ".join(parts)
+
+
+def write_outputs(report: Report, csv: str | None = None, json_path: str | None = None,
+                  markdown: str | None = None, force: bool = False) -> list[Path]:
+    """Write the requested files; an existing file is refused unless ``force``."""
+    targets = [(p, kind) for p, kind in ((csv, "csv"), (json_path, "json"), (markdown, "md"))
+               if p]
+    for p, _ in targets:
+        if Path(p).exists() and not force:
+            raise LayerdiffError(f"{p}: already exists; pass --force to overwrite it")
+    frame = report.to_frame()
+    written = []
+    for p, kind in targets:
+        path = Path(p)
+        if kind == "csv":
+            frame.to_csv(path, index=False)
+        elif kind == "json":
+            fd = report.first_divergence
+            doc = {"passed": bool(report),
+                   "first_divergence": fd.row() if fd else None,
+                   "unaligned_reference": [r.name for r in report.alignment.unaligned_ref],
+                   "unaligned_candidate": [r.name for r in report.alignment.unaligned_cand],
+                   "notes": report.notes,
+                   "pairs": json.loads(frame.to_json(orient="records"))}
+            path.write_text(json.dumps(doc, indent=1))
+        else:
+            path.write_text(to_markdown(frame))
+        written.append(path)
+    return written
+
+
+def to_markdown(frame) -> str:
+    cols = ["position", "reference", "candidate", "match", "ref_shape", "max_abs", "mean_abs",
+            "cosine", "tolerance", "passed"]
+    cols = [c for c in cols if c in frame.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in frame[cols].iterrows():
+        cells = [_f(v) if isinstance(v, float) else str(v) for v in row.tolist()]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
