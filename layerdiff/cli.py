@@ -265,7 +265,7 @@ def _progress_bar():
 
 
 def cmd_compare(args) -> int:
-    from layerdiff.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare
+    from layerdiff.comparator import DEFAULT_ATOL, DEFAULT_RTOL, compare
     from layerdiff.report import render, write_outputs
 
     for p in (args.csv, args.json_out, args.markdown):
@@ -288,7 +288,7 @@ def cmd_compare(args) -> int:
 
 def cmd_align(args) -> int:
     from layerdiff.align import align, load_mapfile
-    from layerdiff.compare import candidate_inputs
+    from layerdiff.comparator import candidate_inputs
     from layerdiff.sources import trace_model
 
     target = Path(args.write_map) if args.write_map else None

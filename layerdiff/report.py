@@ -1,4 +1,4 @@
-"""Render a comparison :class:`~layerdiff.compare.Report`: rich table + summary, or files.
+"""Render a comparison :class:`~layerdiff.comparator.Report`: rich table + summary, or files.
 
 File outputs all come from ``Report.to_frame()``: CSV and JSON via pandas, Markdown written
 here (pandas' own ``to_markdown`` needs an extra package).
@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from layerdiff.compare import PairResult, Report
+from layerdiff.comparator import PairResult, Report
 from layerdiff.errors import LayerdiffError
 
 

@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
+# Single-threaded BLAS, as the golden traces were recorded (see tests/conftest.py).
+export OPENBLAS_NUM_THREADS=1
 .venv/bin/python -m pytest -q "$@"

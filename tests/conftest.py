@@ -1,10 +1,17 @@
-"""Shared fixtures."""
+"""Shared fixtures and test-wide settings."""
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from layerdiff.examples import write_example
+# The golden traces were recorded with single-threaded OpenBLAS. With one thread our float32
+# GEMMs sum in Caffe's order and whole ResNets agree with Caffe to ~5e-7; with two they drift
+# to ~1e-3 (measured), which would hide engine errors. Must be set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+
+from layerdiff.examples import write_example  # noqa: E402
 
 
 @pytest.fixture

@@ -77,7 +77,8 @@ def tie_by_parameters(ref: list[Record], cand: list[Record]) -> list[Tie]:
                 continue  # a constant blob (all-ones gamma, zero bias) identifies nothing
             found = None
             for c, leaf, arr in by_size.get(blob.size, []):
-                if leaf not in names:
+                # torch names (weight, running_mean, ...), or the same blob of a Caffe layer
+                if leaf not in names and not (leaf == key and c.kind == r.kind):
                     continue
                 got = np.asarray(arr, dtype=np.float64)
                 for transform, form in _variants(r, key, blob):

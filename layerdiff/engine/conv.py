@@ -142,6 +142,16 @@ def _taps(geom: Geometry, out: tuple[int, ...]):
                          zip(tap, geom.dilation, out, geom.stride, strict=True))
 
 
+#: Bytes of im2col/col2im buffer per GEMM call: big batches are cut into chunks of images so
+#: memory stays near Caffe's own one-image col buffer.
+COL_BUDGET = 1 << 28
+
+
+def _chunks(n: int, per_image: int) -> list[slice]:
+    step = max(1, COL_BUDGET // max(1, per_image))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
 def conv_forward(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, geom: Geometry,
                  group: int) -> np.ndarray:
     """Caffe's convolution of ``x`` (N, C, *sp) with ``w`` (O, C/group, *kernel)."""
@@ -155,15 +165,15 @@ def conv_forward(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, geom: Ge
     elif cg == 1 and group > 1:
         y = _depthwise(x, w, geom, out, group)
     else:
-        if geom.is_1x1:
-            cols = np.ascontiguousarray(x).reshape(n, c, npos)
-        else:
-            cols = im2col(x, geom, out).reshape(n, c * prod(geom.kernel), npos)
         kdim = cg * prod(geom.kernel)
-        if group == 1:
-            y = np.matmul(w.reshape(o, kdim), cols)
-        else:
-            y = np.matmul(w.reshape(group, og, kdim), cols.reshape(n, group, kdim, npos))
+        wg = w.reshape(group, og, kdim)
+        y = np.empty((n, group, og, npos), x.dtype)
+        for sl in _chunks(n, c * prod(geom.kernel) * npos * x.itemsize):
+            if geom.is_1x1:
+                cols = np.ascontiguousarray(x[sl])
+            else:
+                cols = im2col(x[sl], geom, out)
+            np.matmul(wg, cols.reshape(-1, group, kdim, npos), out=y[sl])
         y = y.reshape((n, o) + out)
     if bias is not None:
         # Caffe adds the bias in a second GEMM, after the weights' sum is rounded.
@@ -206,10 +216,12 @@ def deconv_forward(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, geom: 
     y = np.zeros((n, o) + full, x.dtype)
     if n and c and npos and o:
         wt = np.ascontiguousarray(w.reshape(group, cg, og * kprod).transpose(0, 2, 1))
-        cols = np.matmul(wt, np.ascontiguousarray(x).reshape(n, group, cg, npos))
-        cols = cols.reshape((n, o) + geom.kernel + sp)
-        for tap, sl in _taps(geom, sp):
-            y[(slice(None), slice(None)) + sl] += cols[(slice(None), slice(None)) + tap]
+        for chunk in _chunks(n, o * kprod * npos * x.itemsize):
+            cols = np.matmul(wt, np.ascontiguousarray(x[chunk]).reshape(-1, group, cg, npos))
+            cols = cols.reshape((-1, o) + geom.kernel + sp)
+            yc = y[chunk]
+            for tap, sl in _taps(geom, sp):
+                yc[(slice(None), slice(None)) + sl] += cols[(slice(None), slice(None)) + tap]
     y = y[(slice(None), slice(None)) + tuple(slice(p, p + m) for p, m in zip(geom.pad, out,
                                                                            strict=True))]
     y = np.ascontiguousarray(y)
