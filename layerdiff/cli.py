@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing --write-map file")
     p.set_defaults(func=cmd_align)
 
+    p = sub.add_parser("pycaffe-script",
+                       help="print a script that records a trace with a real Caffe install")
+    p.set_defaults(func=cmd_pycaffe_script)
+
     p = sub.add_parser("example", help="write the built-in example Caffe model to a directory")
     p.add_argument("out", help="directory to create (must not exist or be empty)")
     p.set_defaults(func=cmd_example)
@@ -314,6 +318,13 @@ def cmd_align(args) -> int:
     if target is not None:
         target.write_text(al.to_mapfile())
         out.print(f"wrote {target}")
+    return 0
+
+
+def cmd_pycaffe_script(args) -> int:
+    from importlib.resources import files
+
+    sys.stdout.write(files("layerdiff.tools").joinpath("pycaffe_dump.py").read_text())
     return 0
 
 

@@ -52,7 +52,7 @@ class Record:
     kind: str
     tops: list[str]
     bottoms: list[str]
-    outputs: list[np.ndarray]
+    outputs: list[np.ndarray] = field(repr=False)
     attrs: dict[str, Any] = field(default_factory=dict)
     handle: Any = field(default=None, repr=False, compare=False)
     params: dict[str, np.ndarray] = field(default_factory=dict, repr=False)

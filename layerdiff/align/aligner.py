@@ -127,7 +127,7 @@ def align(ref: Trace, cand: Trace, mapfile: MapFile | None = None) -> Alignment:
             if i in match:
                 continue
             for j in index.get(key(r.name), []):
-                if j not in used and compatible(r.kind, cs[j].kind):
+                if j not in used and _name_compatible(r.kind, cs[j].kind):
                     match[i] = ([j], method, "")
                     used.add(j)
                     break
@@ -151,6 +151,11 @@ def align(ref: Trace, cand: Trace, mapfile: MapFile | None = None) -> Alignment:
     done_c = {c.index for p in pairs for c in p.cand} | absorbed_c
     return Alignment(pairs, [r for r in rs if r.index not in done_r],
                      [c for c in cs if c.index not in done_c], warnings)
+
+
+def _name_compatible(a: str, b: str) -> bool:
+    # Equal names pair unless the kinds contradict; a custom module (unknown kind) does not.
+    return compatible(a, b) or not families(a) or not families(b)
 
 
 def _size(rec: Record) -> int:
@@ -251,7 +256,7 @@ def _absorb_reference_groups(pairs, rs, cs, match, used) -> None:
                         not _chained((extra or p.ref)[-1], rs[i]):
                     break
                 extra.append(rs[i])
-            if len(p.ref) + len(extra) != len(ref_kinds):
+            if not extra or len(p.ref) + len(extra) != len(ref_kinds):
                 continue
             if _next_free_cand_does(p, cs, used, extra[0]):
                 continue  # the candidate has its own step for it: leave it to the order stage

@@ -1,0 +1,114 @@
+"""Capture overhead: plain ResNet-50 forward vs ``capture_torch``, side by side in one run.
+
+    /work/venv/bin/python benchmarks/bench_torch_capture.py [--rounds 31] [--threads N]
+
+torchvision-style ResNet-50 (tests/torch_models.py), input 1x3x224x224 float32 on CPU. Rounds
+interleave plain / fx capture / hooks capture so machine load hits all alike; medians are
+printed with the capture/plain ratio of medians and the median of per-round ratios ("paired",
+steadier when other processes load the machine). "first" is the first fx capture of a fresh
+model (trace and graph instrumentation included; later captures reuse the cached graph).
+
+A capture must keep every layer's output (~128 MB here) where a plain forward reuses a few
+buffers, so with glibc's defaults, which hand freed memory back to the OS, every capture writes
+into fresh pages (~19k minor page faults). The second table reruns the benchmark in a child
+process started with ``MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=4294967296``
+(freed memory stays in the process), which is what repeated captures see with those settings.
+``--no-tuned`` skips it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from layerdiff.adapters.torch import capture_torch  # noqa: E402
+from torch_models import resnet50  # noqa: E402
+
+_TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+
+
+def _measure(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    for fn in runs.values():  # warm-up: allocator, caches, the instrumented graph
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def _table(title: str, times: dict[str, list[float]]) -> None:
+    plain = times["plain forward"]
+    base = statistics.median(plain)
+    print(title)
+    print(f"  {'':18}{'median ms':>10}{'min ms':>9}{'ratio':>8}{'paired':>8}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        # paired: median over rounds of this round's time / this round's plain forward
+        paired = statistics.median(t / p for t, p in zip(ts, plain, strict=True))
+        print(f"  {name:18}{med * 1e3:10.1f}{min(ts) * 1e3:9.1f}{med / base:8.2f}x"
+              f"{paired:7.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=31)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--no-tuned", action="store_true", help="skip the tuned-malloc table")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = resnet50()
+    x = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size)).astype(np.float32)
+    xt = torch.from_numpy(x)
+
+    t0 = time.perf_counter()
+    first = capture_torch(model, x)
+    cold = time.perf_counter() - t0
+    assert first.meta["capture"] == "fx", first.meta
+
+    def plain() -> None:
+        with torch.no_grad():
+            model(xt)
+
+    runs: dict[str, Callable[[], object]] = {
+        "plain forward": plain,
+        "capture (fx)": lambda: capture_torch(model, x),
+        "capture (hooks)": lambda: capture_torch(model, x, prefer_graph=False),
+    }
+    print(f"ResNet-50 1x3x{args.size}x{args.size} float32 cpu, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds, "
+          f"{len(first)} records, {first.meta['lazy_clones']} lazy clones (fx)")
+    times = _measure(runs, args.rounds)
+    tuned = all(os.environ.get(k) == v for k, v in _TUNED_ENV.items())
+    _table("malloc tuned (MALLOC_*_THRESHOLD_):" if tuned else "default malloc settings:",
+           times)
+    print(f"  {'first fx capture':18}{cold * 1e3:10.1f}{'':9}"
+          f"{cold / statistics.median(times['plain forward']):8.2f}x  (trace + instrument)")
+    if not args.no_tuned and not tuned:
+        sys.stdout.flush()
+        child = [sys.executable, __file__, "--no-tuned", "--rounds", str(args.rounds),
+                 "--threads", str(args.threads), "--size", str(args.size)]
+        out = subprocess.run(child, env={**os.environ, **_TUNED_ENV}, check=True,
+                             capture_output=True, text=True).stdout
+        print("".join(out.splitlines(keepends=True)[1:]), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Standalone helper scripts shipped with layerdiff (they run without layerdiff installed)."""
