@@ -207,8 +207,10 @@ class TorchCall:
         if isinstance(obj, _Ref):
             if replace:
                 new = replace.pop(0)
-                if new is not None:
-                    return torch.as_tensor(new).to(self.device).clone()
+                if new is not None:  # other values, in the dtype the layer saw
+                    seen = self._values.get(obj.top)
+                    t = torch.from_numpy(np.array(new, copy=True)).to(self.device)
+                    return t.to(seen[1]) if seen is not None else t
             arr, dtype = self._values[obj.top]
             # A fresh copy: an in-place layer re-run must not write into the trace.
             return torch.from_numpy(np.array(arr)).to(self.device, dtype)
@@ -1169,6 +1171,11 @@ def capture_torch(
             if m.training != f:
                 m.training = f
     trace.inputs.update(fed)
+    # Handles re-run layers from recorded values; model inputs count among them.
+    handles = [r.handle for r in trace if isinstance(r.handle, TorchCall)]
+    if handles:
+        for (name, arr), t in zip(fed.items(), tensors, strict=False):
+            handles[0]._values.setdefault(name, (arr, t.dtype))
     return trace
 
 

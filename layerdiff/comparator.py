@@ -39,6 +39,29 @@ class PairResult:
     passed: bool
     #: every aligned pair producing this pair's inputs passed (or they are model inputs)
     inputs_pass: bool = True
+    #: the candidate re-run on the reference's own inputs (set by the diagnosis)
+    local: Metrics | None = None
+
+    @property
+    def local_passed(self) -> bool | None:
+        """Whether this layer is right on its own (None when it could not be re-run)."""
+        return None if self.local is None else self.local.passes(self.tolerance)
+
+    @property
+    def amplification(self) -> float | None:
+        """Candidate error over the reference's own float32 noise at this layer."""
+        if self.noise is None or math.isnan(self.metrics.max_abs):
+            return None
+        return self.metrics.max_abs / self.noise if self.noise > 0 else (
+            0.0 if self.metrics.max_abs == 0 else math.inf)
+
+    @property
+    def status(self) -> str:
+        """``ok``, ``noise`` (passes only thanks to the measured noise floor), or ``fail``."""
+        if not self.passed:
+            return "fail"
+        plain = self.atol + self.rtol * self.metrics.ref_max_abs
+        return "noise" if self.metrics.max_abs > plain else "ok"
 
     @property
     def tolerance(self) -> float:
@@ -56,8 +79,10 @@ class PairResult:
             "mean_abs": m.mean_abs, "max_rel": m.max_rel, "rmse": m.rmse, "cosine": m.cosine,
             "snr_db": m.snr_db, "nan_mismatch": m.nan_mismatch, "inf_mismatch": m.inf_mismatch,
             "worst_index": "" if m.worst_index is None else ",".join(map(str, m.worst_index)),
-            "ref_max_abs": m.ref_max_abs, "noise_floor": self.noise, "tolerance": self.tolerance,
-            "passed": self.passed,
+            "ref_max_abs": m.ref_max_abs, "noise_floor": self.noise,
+            "amplification": self.amplification, "tolerance": self.tolerance,
+            "local_max_abs": self.local.max_abs if self.local is not None else None,
+            "local_passed": self.local_passed, "status": self.status, "passed": self.passed,
         }
 
 
@@ -72,6 +97,8 @@ class Report:
     options: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     stopped_early: bool = False
+    #: diagnosis findings, most telling first (see layerdiff.diagnose)
+    findings: list[Any] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.results) and all(r.passed for r in self.results)
@@ -82,9 +109,13 @@ class Report:
 
     @property
     def first_divergence(self) -> PairResult | None:
-        """The first failing pair, in reference order, whose inputs still pass."""
+        """The first pair, in reference order, that is wrong on its own.
+
+        With local errors (the candidate re-run on the reference's inputs) that is the first
+        pair failing locally; otherwise the first failing pair whose inputs still pass.
+        """
         for r in self.results:
-            if not r.passed and r.inputs_pass:
+            if r.local_passed is False or (r.local is None and not r.passed and r.inputs_pass):
                 return r
         return None
 
@@ -119,6 +150,7 @@ def compare(
     map: str | Path | MapFile | None = None,  # noqa: A002
     noise_floor: bool = True,
     fail_fast: bool = False,
+    diagnose: bool = True,
     ref_options: Any = None,
     cand_options: Any = None,
     progress: Callable[[str, int, int, str], None] | None = None,
@@ -180,7 +212,12 @@ def compare(
                              "write a map file (layerdiff align REF CAND --write-map map.toml)")
     opts = {"atol": atol, "rtol": rtol, "noise_factor": NOISE_FACTOR if floor_trace else None,
             "input": input if isinstance(input, (str, list)) else "arrays"}
-    return Report(results, alignment, ref_trace, cand_trace, opts, notes, stopped)
+    report = Report(results, alignment, ref_trace, cand_trace, opts, notes, stopped)
+    if diagnose:
+        from layerdiff.diagnose import diagnose as run_diagnosis
+
+        run_diagnosis(report)
+    return report
 
 
 def _is_saved_trace(x: Any) -> bool:

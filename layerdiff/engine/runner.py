@@ -9,8 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from layerdiff.caffe.net import CaffeNet
+from dataclasses import dataclass
+
+from layerdiff.caffe.net import CaffeLayer, CaffeNet
 from layerdiff.engine.plan import Plan, make_plan
+from layerdiff.engine.registry import LayerImpl
 from layerdiff.errors import InputSpecError, ModelFormatError, layer_error
 from layerdiff.trace import Trace
 
@@ -76,13 +79,32 @@ def run_caffe(
                 raise RuntimeError(f"engine bug: layer '{lay.name}' ({lay.type}) produced "
                                    f"{got}, its shape function said {p.top_shapes}")
         rec = trace.add(lay.name, lay.type, lay.tops, lay.bottoms, outs,
-                        attrs={"source_index": lay.source_index}, handle=p,
+                        attrs={"source_index": lay.source_index},
+                        handle=CaffeCall(lay, p.impl, blobs if lay.type != "Input" else [],
+                                         np_dtype),
                         params={str(k): b for k, b in enumerate(p.blobs or [])})
         for t, o in zip(lay.tops, rec.outputs, strict=True):
             values[t] = o
     if progress is not None:
         progress(n, n, "")
     return trace
+
+
+@dataclass
+class CaffeCall:
+    """A record's live handle: re-runs that one layer, e.g. on another side's inputs."""
+
+    layer: CaffeLayer
+    impl: LayerImpl | None
+    blobs: list[np.ndarray]
+    dtype: np.dtype
+
+    def run(self, *inputs: np.ndarray) -> list[np.ndarray]:
+        if self.impl is None or self.layer.type == "Input":
+            raise ModelFormatError(f"layer '{self.layer.name}' ({self.layer.type}) cannot be "
+                                   "re-run on its own")
+        bottoms = [np.ascontiguousarray(x, dtype=self.dtype) for x in inputs]
+        return [np.asarray(o) for o in self.impl.forward(bottoms, self.blobs)]
 
 
 def _finish(out: np.ndarray, dtype: np.dtype) -> np.ndarray:
