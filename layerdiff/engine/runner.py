@@ -5,11 +5,10 @@ from __future__ import annotations
 import ctypes
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from dataclasses import dataclass
 
 from layerdiff.caffe.net import CaffeLayer, CaffeNet
 from layerdiff.engine.plan import Plan, make_plan
