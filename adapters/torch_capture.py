@@ -202,6 +202,8 @@ class TorchCall:
     module: str | None
     device: torch.device
     _values: dict[str, tuple[np.ndarray, torch.dtype]] = field(repr=False)
+    #: the module's training flags as captured (capture may call eval() and restore after)
+    training: bool | None = None
 
     def _resolve(self, obj: Any, replace: list | None) -> Any:
         if isinstance(obj, _Ref):
@@ -255,8 +257,18 @@ class TorchCall:
         args = self._resolve(self.args, replace)
         kw = self._resolve(self.kwargs, replace)
         kw.update(kwargs)
-        with torch.no_grad():
-            out = self.fn(*args, **kw)
+        modes = []
+        if isinstance(self.fn, nn.Module) and self.training is not None:
+            # Re-run in the mode it was captured in; a training BatchNorm would otherwise use
+            # batch statistics and update the user's running buffers.
+            modes = [(m, m.training) for m in self.fn.modules()]
+            self.fn.train(self.training)
+        try:
+            with torch.no_grad():
+                out = self.fn(*args, **kw)
+        finally:
+            for m, flag in modes:
+                m.training = flag
         return [_to_numpy(t.detach().cpu())[0] for t in _tensors(out, [])]
 
 
@@ -448,7 +460,8 @@ class _Recorder:
             attrs = e.attrs
             attrs["dtype"] = _DTYPE_NAMES.get(converted[0][1]) or str(converted[0][1])[6:]
             fn, t_args, t_kwargs, module = e.call
-            handle = TorchCall(fn, t_args, t_kwargs, module, self.device, values)
+            handle = TorchCall(fn, t_args, t_kwargs, module, self.device, values,
+                               fn.training if isinstance(fn, nn.Module) else None)
             params = None
             if isinstance(fn, nn.Module):
                 if id(fn) not in params_of:
@@ -464,10 +477,13 @@ def _module_params(m: nn.Module) -> dict[str, np.ndarray]:
     On the CPU these are read-only views (no copy of a large model's weights per capture).
     """
     out: dict[str, np.ndarray] = {}
-    for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+    buffers = dict(m.named_buffers(recurse=False))
+    for name, t in [*m.named_parameters(recurse=False), *buffers.items()]:
         if t is None or not t.is_floating_point():
             continue
         arr = _to_numpy(t.detach().cpu())[0]
+        if name in buffers:  # buffers (BN running stats) may change later: keep a copy
+            arr = arr.copy()
         arr.flags.writeable = False
         out[name] = arr
     return out

@@ -97,12 +97,17 @@ def _import_model_py(path: Path) -> ModuleType:
         raise ModelFormatError(f"{path}: cannot be imported as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses, pickling and relative lookups need it registered
-    with _on_path(path.parent):
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:  # noqa: BLE001 - any error in user code is a user error
-            sys.modules.pop(name, None)
-            raise ModelFormatError(f"{path}: importing it raised {_first_line(e)}") from None
+    # No __pycache__ written into the user's model folder (or beside its sibling imports).
+    saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        with _on_path(path.parent):
+            try:
+                spec.loader.exec_module(module)
+            except Exception as e:  # noqa: BLE001 - any error in user code is a user error
+                sys.modules.pop(name, None)
+                raise ModelFormatError(f"{path}: importing it raised {_first_line(e)}") from None
+    finally:
+        sys.dont_write_bytecode = saved
     return module
 
 

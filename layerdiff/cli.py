@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="write the per-layer table as CSV")
     p.add_argument("--json", dest="json_out", help="write the result as JSON")
     p.add_argument("--markdown", help="write the per-layer table as Markdown")
+    p.add_argument("--html", metavar="FILE",
+                   help="write a self-contained HTML report (table, findings, error chart)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--summary-only", action="store_true", help="print only the summary")
     p.set_defaults(func=cmd_compare)
@@ -108,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing --write-map file")
     p.set_defaults(func=cmd_align)
 
+    from layerdiff.diagnose.audit_cli import add_audit_parser
+
+    add_audit_parser(sub)
+
     p = sub.add_parser("pycaffe-script",
                        help="print a script that records a trace with a real Caffe install")
     p.set_defaults(func=cmd_pycaffe_script)
@@ -115,11 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("example", help="write the built-in example Caffe model to a directory")
     p.add_argument("out", help="directory to create (must not exist or be empty)")
     p.set_defaults(func=cmd_example)
+
+    p = sub.add_parser("demo", help="build a buggy ResNet-50 port, find its bug, check the fix")
+    p.add_argument("--keep", metavar="DIR",
+                   help="build in DIR (must not exist or be empty) and keep the files")
+    p.set_defaults(func=cmd_demo)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from layerdiff.engine.runner import tune_allocator
+
+    tune_allocator()  # this process is ours: keep activation memory instead of re-faulting it
     try:
         return int(args.func(args) or 0)
     except LayerdiffError as e:
@@ -272,7 +286,7 @@ def cmd_compare(args) -> int:
     from layerdiff.comparator import DEFAULT_ATOL, DEFAULT_RTOL, compare
     from layerdiff.report import render, write_outputs
 
-    for p in (args.csv, args.json_out, args.markdown):
+    for p in (args.csv, args.json_out, args.markdown, args.html):
         if p and Path(p).exists() and not args.force:
             raise LayerdiffError(f"{p}: already exists; pass --force to overwrite it")
     bar, progress = _progress_bar()
@@ -287,6 +301,10 @@ def cmd_compare(args) -> int:
     render(report, out, all_rows=not args.summary_only)
     for path in write_outputs(report, args.csv, args.json_out, args.markdown, args.force):
         out.print(f"wrote {path}")
+    if args.html:
+        from layerdiff.html import write_html
+
+        out.print(f"wrote {write_html(report, args.html, args.force)}")
     return 0 if report else 1
 
 
@@ -336,6 +354,13 @@ def cmd_example(args) -> int:
     for p in paths:
         out.print(f"wrote {p}")
     return 0
+
+
+# -- demo -----------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from layerdiff.demo import run_demo
+
+    return run_demo(args.keep, out)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,7 +7,8 @@ they are given as separate ``--input`` flags):
 - ``zeros``;
 - ``randn[:SEED]``: standard normal, NumPy ``default_rng(SEED)`` (seed 0 by default);
 - ``uniform:LO,HI[:SEED]``: uniform in [LO, HI);
-- ``npy:PATH``: a saved array (``allow_pickle=False``); its shape wins over the model's.
+- ``npy:PATH``: a saved array (``allow_pickle=False``); its batch and spatial size win over
+  the model's, its rank (and for N,C,H,W inputs its channel count) must match.
 
 Random inputs are drawn in float64 and then cast, so float32 and float64 runs see the same
 values up to rounding. A constant input is the same in every channel: it cannot reveal a
@@ -16,6 +17,7 @@ BGR/RGB channel swap.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,26 +60,47 @@ def parse_spec(text: str) -> InputSpec:
     kind, _, rest = s.partition(":")
     try:
         if kind == "ones":
-            return InputSpec("const", value=float(rest) if rest else 1.0, text=s)
+            return InputSpec("const", value=_finite(rest) if rest else 1.0, text=s)
         if kind == "const":
-            return InputSpec("const", value=float(rest), text=s)
+            return InputSpec("const", value=_finite(rest), text=s)
         if kind == "zeros" and not rest:
             return InputSpec("const", value=0.0, text=s)
         if kind == "randn":
-            return InputSpec("randn", seed=int(rest) if rest else 0, text=s)
+            return InputSpec("randn", seed=_seed(rest) if rest else 0, text=s)
         if kind == "uniform":
             rng, _, seed = rest.partition(":")
-            lo, hi = (float(x) for x in rng.split(","))
-            if not lo < hi:
-                raise InputSpecError(f"--input {text!r}: uniform needs LO < HI")
-            return InputSpec("uniform", low=lo, high=hi, seed=int(seed) if seed else 0, text=s)
+            lo, hi = (_finite(x) for x in rng.split(","))
+            if not lo < hi or not np.isfinite(hi - lo):
+                raise InputSpecError(f"--input {text!r}: uniform needs LO < HI (and a finite "
+                                     "HI - LO)")
+            return InputSpec("uniform", low=lo, high=hi, seed=_seed(seed) if seed else 0, text=s)
         if kind == "npy" and rest:
             return InputSpec("npy", path=rest, text=s)
     except ValueError:
         pass
+    except _Invalid as e:
+        raise InputSpecError(f"--input {text!r}: {e}") from None
     raise InputSpecError(
         f"--input {text!r} does not parse; use ones[:V], const:V, zeros, randn[:SEED], "
         "uniform:LO,HI[:SEED], npy:PATH, or NAME=SPEC")
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _finite(text: str) -> float:
+    v = float(text)
+    if not np.isfinite(v):
+        raise _Invalid(f"{text.strip()} is not a finite number")
+    return v
+
+
+def _seed(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise _Invalid(f"seed {v} is negative; seeds are integers >= 0")
+    return v
 
 
 def parse_specs(texts: list[str] | str | None) -> dict[str | None, InputSpec]:
@@ -101,13 +124,39 @@ def make_inputs(specs: dict[str | None, InputSpec], shapes: dict[str, Shape],
     if unknown:
         raise InputSpecError(f"--input names unknown input(s) {unknown}; the model's inputs are "
                              f"{list(shapes)}")
+    from layerdiff.engine.plan import MAX_ELEMENTS
+
     out = {}
     for name, shape in shapes.items():
         spec = specs.get(name) or specs.get(None)
         if spec is None:
             raise InputSpecError(f"no --input given for model input '{name}'")
+        if spec.kind == "npy":
+            arr = load_npy(spec.path, name)
+            _check_npy_shape(spec.path, name, tuple(arr.shape), tuple(shape))
+            out[name] = arr.astype(dtype)
+            continue
+        if any(int(d) <= 0 for d in shape):
+            raise InputSpecError(f"input '{name}' has shape {list(shape)}; every dim must be > 0 "
+                                 "(pass --shape N,C,H,W)")
+        if math.prod(int(d) for d in shape) > MAX_ELEMENTS:
+            raise InputSpecError(f"input '{name}' of shape {list(shape)} is absurdly large "
+                                 f"(over {MAX_ELEMENTS} elements); refusing to allocate it")
         out[name] = spec.make(shape, name).astype(dtype)
     return out
+
+
+def _check_npy_shape(path: str, name: str, got: Shape, want: Shape) -> None:
+    """An array may change the batch and spatial size, not the rank or (N,C,H,W) channels."""
+    if not want:
+        return
+    if len(got) != len(want):
+        raise InputSpecError(f"--input npy:{path}: array of shape {list(got)} has {len(got)} "
+                             f"dims, model input '{name}' has {len(want)} ({list(want)})")
+    if len(want) == 4 and want[1] > 0 and got[1] != want[1]:
+        raise InputSpecError(f"--input npy:{path}: array of shape {list(got)} has {got[1]} "
+                             f"channels (axis 1), model input '{name}' has {want[1]} "
+                             f"({list(want)})")
 
 
 def load_npy(path: str | Path, name: str = "input") -> np.ndarray:

@@ -32,22 +32,47 @@ def render(report: Report, console: Console, all_rows: bool = True) -> None:
     table = Table(header_style="bold", title="layer by layer", title_justify="left")
     for col, just in (("#", "right"), ("reference", "left"), ("candidate", "left"),
                       ("match", "left"), ("shape", "left"), ("max abs", "right"),
-                      ("mean abs", "right"), ("max rel", "right"), ("cosine", "right"),
-                      ("SNR dB", "right"), ("tol", "right"), ("", "left")):
+                      ("mean abs", "right"), ("local", "right"), ("max rel", "right"),
+                      ("cosine", "right"), ("SNR dB", "right"), ("tol", "right"), ("", "left")):
         table.add_column(col, justify=just, overflow="fold")
     for r in report.results:
         m = r.metrics
         shape = "x".join(map(str, m.ref_shape))
         if m.ref_shape != m.cand_shape:
             shape += " vs " + "x".join(map(str, m.cand_shape))
-        status = "ok" if r.passed else ("FIRST DIVERGENCE" if r is fd else "FAIL")
+        status = r.status if r.passed else ("FIRST DIVERGENCE" if r is fd else "FAIL")
+        if not r.passed and r is not fd and r.local_passed:
+            status = "inherited"  # wrong only because its inputs are
         style = None if r.passed else ("bold red" if r is fd else "red")
+        local = _f(r.local.max_abs) if r.local is not None else "-"
         table.add_row(str(r.position), r.pair.ref_name, r.pair.cand_name, r.pair.method, shape,
-                      _f(m.max_abs), _f(m.mean_abs), _f(m.max_rel), _f(m.cosine, 6),
+                      _f(m.max_abs), _f(m.mean_abs), local, _f(m.max_rel), _f(m.cosine, 6),
                       _f(m.snr_db, 4), _f(r.tolerance), status, style=style)
     if all_rows:
         console.print(table)
     console.print(summary_panel(report))
+    if report.findings:
+        console.print(findings_panel(report))
+
+
+def findings_panel(report: Report, limit: int = 10) -> Panel:
+    """Each finding: cause, the evidence, the fix, and how much of the error it removes."""
+    blocks = []
+    for f in report.findings[:limit]:
+        head = f"[bold]{f.kind}[/]" + (f" at [bold]{f.layer}[/]" if f.layer else "")
+        lines = [head, f"  cause: {f.cause}"]
+        if f.evidence:
+            lines.append(f"  evidence: {f.evidence}")
+        if f.fix:
+            lines.append(f"  fix: [green]{f.fix}[/]")
+        if f.explained is not None:
+            lines.append(f"  removes {f.explained:.1%} of the error "
+                         f"({_f(f.error_before)} -> {_f(f.error_after)})")
+        blocks.append("\n".join(lines))
+    more = len(report.findings) - limit
+    if more > 0:
+        blocks.append(f"... and {more} more (--json for all)")
+    return Panel("\n\n".join(blocks), title="findings", border_style="yellow")
 
 
 def summary_panel(report: Report) -> Panel:
@@ -107,6 +132,7 @@ def write_outputs(report: Report, csv: str | None = None, json_path: str | None 
             fd = report.first_divergence
             doc = {"passed": bool(report),
                    "first_divergence": fd.row() if fd else None,
+                   "findings": [f.to_dict() for f in report.findings],
                    "unaligned_reference": [r.name for r in report.alignment.unaligned_ref],
                    "unaligned_candidate": [r.name for r in report.alignment.unaligned_cand],
                    "notes": report.notes,

@@ -204,30 +204,42 @@ class Trace:
         except (OSError, ValueError, zipfile.BadZipFile) as e:
             raise ModelFormatError(f"{path}: not a readable layerdiff trace ({e})") from None
         with data:
-            if _META_KEY not in data.files:
-                raise ModelFormatError(f"{path}: no '{_META_KEY}' entry; not a layerdiff trace")
             try:
-                header = json.loads(bytes(data[_META_KEY]).decode("utf-8"))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ModelFormatError(f"{path}: corrupt trace header ({e})") from None
-            if header.get("format") != TRACE_FORMAT:
-                raise ModelFormatError(
-                    f"{path}: trace format {header.get('format')!r}, expected {TRACE_FORMAT!r}")
-            trace = cls(meta=header.get("meta", {}))
-            for name in header.get("inputs", []):
-                trace.inputs[name] = data[f"input|{name}"]
-            for r in header["records"]:
-                outs = []
-                for top in r["tops"]:
-                    key = f"{r['index']:04d}|{r['name']}|{top}"
-                    if key not in data.files:
-                        raise ModelFormatError(f"{path}: record '{r['name']}' lacks array {key!r}")
-                    outs.append(data[key])
-                params = {p: data[f"param|{r['index']:04d}|{r['name']}|{p}"]
-                          for p in r.get("params", [])}
-                trace.add(r["name"], r["kind"], r["tops"], r["bottoms"], outs, r.get("attrs"),
-                          params=params)
+                trace = cls._from_npz(data, path)
+            except ModelFormatError:
+                raise
+            except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile) as e:
+                # e.g. an object array (needs pickle), a truncated member, a malformed header
+                raise ModelFormatError(f"{path}: corrupt layerdiff trace ({e})") from None
         trace.meta.setdefault("source", str(path))
+        return trace
+
+    @classmethod
+    def _from_npz(cls, data, path: Path) -> Trace:
+        if _META_KEY not in data.files:
+            raise ModelFormatError(f"{path}: no '{_META_KEY}' entry; not a layerdiff trace")
+        try:
+            header = json.loads(bytes(data[_META_KEY]).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ModelFormatError(f"{path}: corrupt trace header ({e})") from None
+        if not isinstance(header, dict) or header.get("format") != TRACE_FORMAT:
+            found = header.get("format") if isinstance(header, dict) else None
+            raise ModelFormatError(
+                f"{path}: trace format {found!r}, expected {TRACE_FORMAT!r}")
+        trace = cls(meta=header.get("meta", {}))
+        for name in header.get("inputs", []):
+            trace.inputs[name] = data[f"input|{name}"]
+        for r in header["records"]:
+            outs = []
+            for top in r["tops"]:
+                key = f"{r['index']:04d}|{r['name']}|{top}"
+                if key not in data.files:
+                    raise ModelFormatError(f"{path}: record '{r['name']}' lacks array {key!r}")
+                outs.append(data[key])
+            params = {p: data[f"param|{r['index']:04d}|{r['name']}|{p}"]
+                      for p in r.get("params", [])}
+            trace.add(r["name"], r["kind"], r["tops"], r["bottoms"], outs, r.get("attrs"),
+                      params=params)
         return trace
 
     def __repr__(self) -> str:

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# The main job on the built-in example: write the example Caffe model, inspect it, run it.
+# The main job: set up .venv, then `layerdiff demo`. It builds a Caffe ResNet-50 and a
+# PyTorch port of it with the classic BatchNorm conversion bug, finds the first divergence and
+# its cause, and checks the fixed port. Arguments go to `layerdiff demo` (e.g. --keep DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-out=$(mktemp -d)/layerdiff-example
-.venv/bin/layerdiff example "$out"
-.venv/bin/layerdiff inspect "$out"
-.venv/bin/layerdiff run "$out" --input ones:0.5
+.venv/bin/layerdiff demo "$@"

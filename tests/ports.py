@@ -5,7 +5,7 @@
 - :class:`CaffeResNet50`: a torchvision-style ResNet-50 (``layer1.0.conv1``, shared ``relu``
   called three times per block, ``out += identity``) with Caffe's ResNet-50 choices (stride in
   the first 1x1 conv, ceil-mode max pooling without padding), loaded from the Caffe weights by
-  :func:`load_resnet50_from_caffe`.
+  :func:`load_resnet50_from_caffe`. Both live in :mod:`layerdiff.demo` (the demo's port).
 
 ``divide_bn=False`` reproduces the classic porting bug: BatchNorm running statistics copied
 from the caffemodel without dividing by the moving-average scale factor (the third blob).
@@ -155,102 +155,9 @@ class GraphPort(nn.Module):
         return blobs[self.steps[-1][2][0]]
 
 
-# -- torchvision-style ResNet-50 with Caffe's choices ---------------------------------------
-class Bottleneck(nn.Module):
-    expansion = 4
+# -- torchvision-style ResNet-50 with Caffe's choices: the demo's port (one copy in the package)
+from layerdiff.demo.resnet50 import load_resnet50_from_caffe, resnet50_name_map  # noqa: E402
+from layerdiff.demo.torch_resnet50 import Bottleneck, CaffeResNet50  # noqa: E402
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample=None):
-        super().__init__()
-        # Caffe's ResNet-50 strides in the first 1x1 conv (torchvision v1.5 in the 3x3).
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
-
-
-class CaffeResNet50(nn.Module):
-    def __init__(self, num_classes: int = 1000):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=True)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 0, ceil_mode=True)  # Caffe: no pad, ceil rounding
-        self.inplanes = 64
-        self.layer1 = self._layer(64, 3, 1)
-        self.layer2 = self._layer(128, 4, 2)
-        self.layer3 = self._layer(256, 6, 2)
-        self.layer4 = self._layer(512, 3, 2)
-        self.avgpool = nn.AvgPool2d(7, 1)
-        self.fc = nn.Linear(2048, num_classes)
-
-    def _layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        down = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False),
-                             nn.BatchNorm2d(planes * 4))
-        layers = [Bottleneck(self.inplanes, planes, stride, down)]
-        self.inplanes = planes * 4
-        layers += [Bottleneck(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = torch.flatten(self.avgpool(x), 1)
-        return self.fc(x)
-
-
-def resnet50_name_map() -> dict[str, str]:
-    """Caffe ResNet-50 layer name -> torchvision-style module path (conv/bn; Scale -> bn)."""
-    m = {"conv1": "conv1", "bn_conv1": "bn1", "scale_conv1": "bn1", "fc1000": "fc"}
-    for stage, blocks in zip((2, 3, 4, 5), (3, 4, 6, 3), strict=True):
-        for b in range(blocks):
-            letter = "abcdef"[b]
-            base = f"layer{stage - 1}.{b}"
-            for branch, idx in (("2a", 1), ("2b", 2), ("2c", 3)):
-                m[f"res{stage}{letter}_branch{branch}"] = f"{base}.conv{idx}"
-                m[f"bn{stage}{letter}_branch{branch}"] = f"{base}.bn{idx}"
-                m[f"scale{stage}{letter}_branch{branch}"] = f"{base}.bn{idx}"
-            if b == 0:
-                m[f"res{stage}a_branch1"] = f"{base}.downsample.0"
-                m[f"bn{stage}a_branch1"] = f"{base}.downsample.1"
-                m[f"scale{stage}a_branch1"] = f"{base}.downsample.1"
-    return m
-
-
-def load_resnet50_from_caffe(net: CaffeNet, divide_bn: bool = True) -> CaffeResNet50:
-    from layerdiff.engine import make_plan
-
-    model = CaffeResNet50().eval()
-    mods = dict(model.named_modules())
-    plan = {p.layer.name: p for p in make_plan(net).layers}
-    with torch.no_grad():
-        for caffe_name, path in resnet50_name_map().items():
-            p, mod = plan[caffe_name], mods[path]
-            blobs = p.blobs
-            if p.layer.type in ("Convolution", "InnerProduct"):
-                mod.weight.copy_(_t(blobs[0]))
-                if len(blobs) > 1:
-                    mod.bias.copy_(_t(blobs[1]))
-            elif p.layer.type == "BatchNorm":
-                s = float(np.asarray(blobs[2]).reshape(-1)[0])
-                f = (0.0 if s == 0 else 1.0 / s) if divide_bn else 1.0
-                mod.running_mean.copy_(_t(np.asarray(blobs[0], np.float64) * f))
-                mod.running_var.copy_(_t(np.asarray(blobs[1], np.float64) * f))
-                mod.eps = p.layer.param.batch_norm_param.eps
-            elif p.layer.type == "Scale":
-                mod.weight.copy_(_t(blobs[0]))
-                mod.bias.copy_(_t(blobs[1]))
-    return model
+__all__ = ["Bottleneck", "CaffeResNet50", "ChannelAffine", "EltwiseSum", "FlattenLinear",
+           "GraphPort", "load_resnet50_from_caffe", "resnet50_name_map"]

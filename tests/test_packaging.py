@@ -22,6 +22,11 @@ def test_wheel_file_list(tmp_path):
     assert "layerdiff/adapters/caffe.py" in names
     assert "layerdiff/caffe/caffe_pb2.py" in names and "layerdiff/caffe/caffe.proto" in names
     assert not [n for n in names if n.startswith("adapters/")], "top-level adapters/ shipped"
+    for init in sorted((ROOT / "layerdiff").rglob("__init__.py")):  # no subpackage left out
+        rel = init.relative_to(ROOT).as_posix()
+        assert rel in names, f"{rel} missing from the wheel (add it to pyproject packages)"
+    for mod in sorted((ROOT / "adapters").glob("*.py")):
+        assert f"layerdiff/adapters/{mod.name}" in names
     assert not [n for n in names if n.startswith("tests/")]
     entry = [n for n in names if n.endswith("entry_points.txt")]
     assert entry and "layerdiff = layerdiff.cli:main" in zipfile.ZipFile(wheels[0]).read(

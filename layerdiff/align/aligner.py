@@ -179,19 +179,28 @@ def _match_in_order(rs, cs, match, used) -> None:
         gap_c = [j for j in range(a_j + 1, b_j) if j not in used]
         if not gap_r or not gap_c:
             continue
-        for i, j in _lcs(gap_r, gap_c, rs, cs):
+        for i, j in _lcs(gap_r, gap_c, rs, cs, _same_op):
             match[i] = ([j], "order", "")
+            used.add(j)
+        # What is left pairs by kind alone: a port that computes a different shape (floor
+        # pooling, a wrong stride) is exactly what the comparison must show, not hide.
+        rest_r = [i for i in gap_r if i not in match]
+        rest_c = [j for j in gap_c if j not in used]
+        for i, j in _lcs(rest_r, rest_c, rs, cs, _same_kind):
+            match[i] = ([j], "order", "output sizes differ")
             used.add(j)
 
 
-def _lcs(gap_r, gap_c, rs, cs) -> list[tuple[int, int]]:
-    """Longest common subsequence of compatible kinds with equal output size."""
+def _lcs(gap_r, gap_c, rs, cs, same) -> list[tuple[int, int]]:
+    """Longest common subsequence of records that ``same`` accepts as one op."""
     n, m = len(gap_r), len(gap_c)
+    if not n or not m:
+        return []
     if n * m > 4_000_000:  # a pathological gap: fall back to greedy
         out, j0 = [], 0
         for i in gap_r:
             for k in range(j0, m):
-                if _same_op(rs[i], cs[gap_c[k]]):
+                if same(rs[i], cs[gap_c[k]]):
                     out.append((i, gap_c[k]))
                     j0 = k + 1
                     break
@@ -199,13 +208,13 @@ def _lcs(gap_r, gap_c, rs, cs) -> list[tuple[int, int]]:
     dp = np.zeros((n + 1, m + 1), dtype=np.int32)
     for x in range(n - 1, -1, -1):
         for y in range(m - 1, -1, -1):
-            if _same_op(rs[gap_r[x]], cs[gap_c[y]]):
+            if same(rs[gap_r[x]], cs[gap_c[y]]):
                 dp[x, y] = dp[x + 1, y + 1] + 1
             else:
                 dp[x, y] = max(dp[x + 1, y], dp[x, y + 1])
     out, x, y = [], 0, 0
     while x < n and y < m:
-        if _same_op(rs[gap_r[x]], cs[gap_c[y]]) and dp[x, y] == dp[x + 1, y + 1] + 1:
+        if same(rs[gap_r[x]], cs[gap_c[y]]) and dp[x, y] == dp[x + 1, y + 1] + 1:
             out.append((gap_r[x], gap_c[y]))
             x, y = x + 1, y + 1
         elif dp[x + 1, y] >= dp[x, y + 1]:
@@ -219,6 +228,10 @@ def _same_op(r: Record, c: Record) -> bool:
     return compatible(r.kind, c.kind) and _size(r) == _size(c)
 
 
+def _same_kind(r: Record, c: Record) -> bool:
+    return bool(families(r.kind) & families(c.kind))
+
+
 def _build_pairs(rs, cs, match, used) -> tuple[list[Pair], set[int]]:
     # Reference records tied to the same candidate and adjacent form one group.
     pairs: list[Pair] = []
@@ -228,10 +241,30 @@ def _build_pairs(rs, cs, match, used) -> tuple[list[Pair], set[int]]:
             pairs[-1].ref.append(rs[i])
             continue
         pairs.append(Pair([rs[i]], [cs[j] for j in pos], method, note))
+    _join_preceding_batchnorm(pairs, rs, match)
     _absorb_reference_groups(pairs, rs, cs, match, used)
     absorbed_c = _absorb_candidate_groups(pairs, cs, used)
     pairs.sort(key=lambda p: p.ref[0].index)
     return pairs, absorbed_c
+
+
+def _join_preceding_batchnorm(pairs, rs, match) -> None:
+    """A Caffe Scale tied to a candidate BatchNorm brings the unmatched BatchNorm before it.
+
+    (Its statistics may be what the port got wrong, so they did not tie by themselves.)
+    """
+    rpos = {r.index: i for i, r in enumerate(rs)}
+    for p in pairs:
+        head = p.ref[0]
+        i = rpos[head.index]
+        if head.kind != "Scale" or i == 0 or not families(p.cand[-1].kind) & {"batchnorm"}:
+            continue
+        prev = rs[i - 1]
+        if prev.kind == "BatchNorm" and i - 1 not in match and _chained(prev, head):
+            p.ref.insert(0, prev)
+            match[i - 1] = ([], "group", "")
+            p.note = "; ".join(x for x in (p.note, "Caffe BatchNorm + Scale = one BatchNorm")
+                               if x)
 
 
 def _chained(prev: Record, nxt: Record) -> bool:

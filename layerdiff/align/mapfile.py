@@ -95,35 +95,65 @@ def load_mapfile(path: str | Path) -> MapFile:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise MapFileError(f"{path}: cannot read map file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise MapFileError(f"{path}: not a UTF-8 text file (byte {e.start}); a map file is "
+                           "TOML") from None
     except tomllib.TOMLDecodeError as e:
         raise MapFileError(f"{path}: {e}") from None
     known = {"map", "ignore_ref", "ignore_cand", "tolerance"}
     extra = set(data) - known
     if extra:
         raise MapFileError(f"{path}: unknown key(s) {sorted(extra)}; expected {sorted(known)}")
+    for key in ("map", "tolerance"):
+        if not isinstance(data.get(key, {}), dict):
+            raise MapFileError(f"{path}: '{key}' must be a TOML table (a section of "
+                               f"entries), not a {type(data[key]).__name__}")
     mf = MapFile(path=path)
     for pattern, target in data.get("map", {}).items():
         targets = [target] if isinstance(target, str) else target
         if not isinstance(targets, list) or not targets or \
                 not all(isinstance(t, str) for t in targets):
             raise MapFileError(f"{path}: map entry {pattern!r} must be a name or a list of names")
-        if pattern.startswith("re:"):
-            try:
-                re.compile(pattern[3:])
-            except re.error as e:
-                raise MapFileError(f"{path}: map entry {pattern!r}: bad regex ({e})") from None
+        groups = _check_pattern(path, f"map entry {pattern!r}", pattern)
+        if pattern.startswith(("re:", "glob:")):  # only these targets are formatted
+            for t in targets:
+                _check_target(path, pattern, t, groups)
         mf.rules.append(Rule(pattern, targets))
     for key in ("ignore_ref", "ignore_cand"):
         val = data.get(key, [])
         if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
             raise MapFileError(f"{path}: {key} must be a list of names")
+        for v in val:
+            _check_pattern(path, f"{key} entry {v!r}", v)
         setattr(mf, key, val)
     for pattern, tol in data.get("tolerance", {}).items():
+        _check_pattern(path, f"tolerance.{pattern!r}", pattern)
         if not isinstance(tol, dict) or set(tol) - {"atol", "rtol"} or \
                 not all(isinstance(v, (int, float)) for v in tol.values()):
             raise MapFileError(f"{path}: tolerance.{pattern!r} takes only atol/rtol numbers")
         mf.tolerance[pattern] = {k: float(v) for k, v in tol.items()}
     return mf
+
+
+def _check_pattern(path: Path, where: str, pattern: str) -> int:
+    """Compile a ``re:`` pattern (returns its group count; 0 for exact and glob names)."""
+    if not pattern.startswith("re:"):
+        return 0
+    try:
+        return re.compile(pattern[3:]).groups
+    except re.error as e:
+        raise MapFileError(f"{path}: {where}: bad regex ({e})") from None
+
+
+def _check_target(path: Path, pattern: str, target: str, groups: int) -> None:
+    """A target's ``{N}`` fields must exist: {0} is the reference name, {1}.. regex groups."""
+    try:
+        target.format(*(["x"] * (groups + 1)))
+    except (IndexError, KeyError, ValueError, AttributeError, TypeError) as e:
+        have = "{0}" + "".join(f", {{{i}}}" for i in range(1, groups + 1))
+        raise MapFileError(f"{path}: map entry {pattern!r}: target {target!r} does not format "
+                           f"({type(e).__name__}: {e}); it may use {have} and {{{{ }}}} for a "
+                           "literal brace") from None
 
 
 def dump_mapfile(pairs: list[tuple[str, list[str], str]]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from google.protobuf import text_format
 
 from layerdiff.caffe import caffe_pb2
@@ -61,13 +62,18 @@ def parse_prototxt(path: str | Path) -> caffe_pb2.NetParameter:
     """Parse a prototxt; syntax errors name ``file:line:column``."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
     except OSError as e:
         raise ModelFormatError(f"{path}: cannot read prototxt ({e.strerror})") from None
+    text = raw.decode("utf-8", errors="replace")
     net = caffe_pb2.NetParameter()
     try:
         text_format.Parse(text, net, allow_unknown_extension=False)
     except text_format.ParseError as e:
+        if b"\0" in raw or "\ufffd" in text:
+            raise ModelFormatError(
+                f"{path}: binary data, not a text prototxt (a .caffemodel? pass that with "
+                "--weights)") from None
         line, col = e.GetLine(), e.GetColumn()
         msg = str(e)
         # ParseError's text starts with "line:col : "; keep just the message.
@@ -107,6 +113,9 @@ def load_caffe(
         raise ModelFormatError("no model given: pass a model directory or --prototxt")
 
     netp = parse_prototxt(proto_path)
+    if not (netp.layer or netp.layers or netp.input):
+        raise ModelFormatError(f"{proto_path}: defines no layers and no inputs (an empty "
+                               "prototxt?)")
     notes: list[str] = []
     v1 = len(netp.layers) > 0
     if v1 and len(netp.layer) > 0:
@@ -250,7 +259,12 @@ def _input_shapes(layers: list[CaffeLayer], overrides, path: Path) -> dict[str, 
         for i, top in enumerate(lay.tops):
             dims = tuple(shapes[i if len(shapes) > 1 else 0].dim) if shapes else ()
             first = not inputs
-            dims = overrides.get(top) or (overrides.get(None) if first else None) or dims
+            given = overrides.get(top) or (overrides.get(None) if first else None)
+            if given and dims and len(given) != len(dims):
+                raise ModelFormatError(
+                    f"{path}: --shape {','.join(map(str, given))} has {len(given)} dims but "
+                    f"input '{top}' is declared with {len(dims)} ({list(dims)})")
+            dims = given or dims
             if not dims:
                 raise ModelFormatError(f"{path}: input '{top}' has no shape; pass --shape")
             if any(d <= 0 for d in dims):
@@ -270,14 +284,18 @@ def _input_shapes(layers: list[CaffeLayer], overrides, path: Path) -> dict[str, 
 def _check_graph(layers: list[CaffeLayer], path: Path) -> None:
     produced: set[str] = set()
     names: set[str] = set()
-    for lay in layers:
+    for i, lay in enumerate(layers):
         if lay.name in names:
             raise ModelFormatError(f"{path}: two layers are named '{lay.name}'")
         names.add(lay.name)
         for b in lay.bottoms:
             if b not in produced:
+                later = next((x for x in layers[i:] if b in x.tops), None)
+                why = ("is not produced by any earlier layer" if later is None else
+                       f"is produced only later, by layer '{later.name}' ({later.type}): the "
+                       "layers are out of order or the bottom/top graph has a cycle")
                 raise ModelFormatError(f"{path}: layer '{lay.name}' ({lay.type}): bottom '{b}' "
-                                       "is not produced by any earlier layer")
+                                       + why)
         for j, t in enumerate(lay.tops):
             in_place = j < len(lay.bottoms) and lay.bottoms[j] == t
             if t in produced and not in_place:
@@ -305,6 +323,18 @@ def _attach_weights(net: CaffeNet, path: Path) -> None:
             continue  # Caffe copies the first; a later duplicate is ignored
         seen.add(wl.name)
         target.blobs = wl.blobs
+        for i, b in enumerate(wl.blobs):
+            # float64 sum: exact test for "all finite" without a temporary the blob's size
+            if b.data.size and not np.isfinite(np.add.reduce(b.data, dtype=np.float64)):
+                nan, inf = int(np.isnan(b.data).sum()), int(np.isinf(b.data).sum())
+                if nan or inf:
+                    net.notes.append(f"warning: layer '{wl.name}' ({target.type}) blob {i} in "
+                                     f"{path.name} holds {nan} NaN and {inf} Inf value(s)")
+    named = [wl.name for wl in stored if wl.blobs]
+    if named and not seen:
+        shown = ", ".join(named[:4]) + (", ..." if len(named) > 4 else "")
+        raise ModelFormatError(f"{path}: none of its {len(named)} weight layer(s) ({shown}) is "
+                               f"in {net.prototxt.name}; weights for another model?")
     if net.unused_weights:
         net.notes.append(f"weights for {len(net.unused_weights)} layer(s) not in the prototxt "
                          f"ignored: {', '.join(net.unused_weights)}")

@@ -14,6 +14,7 @@ dim 1), double_data 8, double_diff 9.
 
 from __future__ import annotations
 
+import math
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,9 +155,9 @@ def _blob(r: _Reader, span: tuple[int, int], layer: str) -> RawBlob:
         elif num == 7 and wt == _LEN:
             shape = _shape(r, val)
         elif num == 5:
-            floats.append(_numbers(r, wt, val, "<f4", _FIXED32, layer))
+            floats.append(_numbers(r, wt, val, "<f4", _FIXED32, layer, span[0]))
         elif num == 8:
-            doubles.append(_numbers(r, wt, val, "<f8", _FIXED64, layer))
+            doubles.append(_numbers(r, wt, val, "<f8", _FIXED64, layer, span[0]))
     if has_legacy:
         dims = tuple(legacy[k] for k in (1, 2, 3, 4))
         is_legacy = True
@@ -171,7 +172,7 @@ def _blob(r: _Reader, span: tuple[int, int], layer: str) -> RawBlob:
         data = np.zeros(0, np.float32)
     if any(d < 0 for d in dims):
         raise r.fail(span[0], f"layer '{layer}': blob has a negative dimension {dims}")
-    count = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    count = math.prod(dims)  # exact: np.prod would wrap around on absurd dims
     if data.size != count:
         raise r.fail(span[0], f"layer '{layer}': blob shape {list(dims)} needs {count} values "
                               f"but {data.size} are stored")
@@ -193,7 +194,10 @@ def _shape(r: _Reader, span: tuple[int, int]) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def _numbers(r: _Reader, wt: int, val, dtype: str, scalar_wt: int, layer: str) -> np.ndarray:
+def _numbers(r: _Reader, wt: int, val, dtype: str, scalar_wt: int, layer: str,
+             at: int) -> np.ndarray:
+    if wt not in (_LEN, scalar_wt):  # e.g. a varint, whose val is a number, not a span
+        raise r.fail(at, f"layer '{layer}': blob data has wire type {wt}")
     start, stop = val
     width = np.dtype(dtype).itemsize
     if wt == _LEN:  # packed run: zero-copy view on the file bytes
@@ -201,9 +205,7 @@ def _numbers(r: _Reader, wt: int, val, dtype: str, scalar_wt: int, layer: str) -
             raise r.fail(start, f"layer '{layer}': packed blob data is not a whole number of "
                                 f"{width}-byte values")
         return np.frombuffer(r.buf, dtype=dtype, count=(stop - start) // width, offset=start)
-    if wt == scalar_wt:  # one unpacked value
-        return np.frombuffer(r.buf, dtype=dtype, count=1, offset=start)
-    raise r.fail(start, f"layer '{layer}': blob data has wire type {wt}")
+    return np.frombuffer(r.buf, dtype=dtype, count=1, offset=start)  # one unpacked value
 
 
 def _int32(v: int) -> int:
@@ -212,4 +214,5 @@ def _int32(v: int) -> int:
 
 
 def _int64(v: int) -> int:
+    v &= 0xFFFFFFFFFFFFFFFF  # a 10-byte varint can carry more than 64 bits
     return v - (1 << 64) if v >= 1 << 63 else v

@@ -50,21 +50,65 @@ def diagnose(report: Report, max_layers: int = 8) -> list[Finding]:
     findings: list[Finding] = []
     for p in probes:
         if p.model_wide:
-            findings.extend(_as_list(_safe(p, report)))
-    targets = [c for c in cases if c.result.local_passed is False]
+            findings.extend(_as_list(_safe(p, report), p.name))
+    # A pair that is right end to end but wrong re-run alone was fed differently than the
+    # candidate feeds it (an unaligned op in between): not a place to probe.
+    targets = [c for c in cases if c.result.local_passed is False and not c.result.passed]
     if not targets:
         fd = report.first_divergence
         targets = [c for c in cases if c.result is fd]
     for case in targets[:max_layers]:
-        here: list[Finding] = []
         for p in probes:
             if not p.model_wide:
-                here.extend(_as_list(_safe(p, case)))
-        for f in here:
-            f.layer = f.layer or case.name
-        findings.extend(sorted(here, key=lambda f: -f.score))
-    report.findings = findings
-    return findings
+                for f in _as_list(_safe(p, case), p.name):
+                    f.layer = f.layer or case.name
+                    findings.append(f)
+    wide = {p.name for p in probes if p.model_wide}
+    report.findings = _rank(findings, cases, wide)
+    return report.findings
+
+
+def _rank(findings: list[Finding], cases: list[LayerCase], wide: set[str]) -> list[Finding]:
+    """Order by layer depth, then fixes that reach tolerance, then the layer's own probe over a
+    model-wide one, then how much they explain.
+
+    The same cause at the same layer found by two probes (a weight audit and a re-run) is
+    reported once, by the one ranked first.
+    """
+    where: dict[str, tuple[int, float]] = {}
+    for c in cases:
+        key = (c.result.position, c.tolerance)
+        for name in (c.name, c.pair.ref_name, c.pair.cand_name,
+                     *(r.name for r in c.pair.ref), *(r.name for r in c.pair.cand)):
+            where.setdefault(name, key)
+
+    def locate(f: Finding) -> tuple[int, float]:
+        for name in (f.layer, f.layer.split(" <-> ")[0], *f.layer.split("+")):
+            if name in where:
+                return where[name]
+        return (1 << 30, 0.0)  # model-wide: after the layers
+
+    def key(f: Finding):
+        pos, tol = locate(f)
+        reaches = f.error_after is not None and f.error_after <= tol
+        return (pos, not reaches, f.probe in wide,
+                -(f.explained if f.explained is not None else -1.0))
+
+    best: dict[tuple[int, str], Finding] = {}
+    rest: list[Finding] = []
+    for f in sorted(findings, key=key):
+        pos = locate(f)[0]
+        if pos < 1 << 30 and (pos, f.kind) in best:
+            winner = best[(pos, f.kind)]
+            more = f.data.get("layers") or []
+            if len(more) > 1 and "layers" not in winner.data:  # e.g. the audit saw it everywhere
+                winner.data["layers"] = more
+                winner.evidence += (f" The same cause is in {len(more) - 1} more layer(s): "
+                                    f"{f.cause}")
+            continue
+        best[(pos, f.kind)] = f
+        rest.append(f)
+    return rest
 
 
 def _safe(p, arg):
@@ -75,9 +119,10 @@ def _safe(p, arg):
                        "", "", probe=p.name)
 
 
-def _as_list(x) -> list[Finding]:
+def _as_list(x, name: str) -> list[Finding]:
     if x is None:
         return []
-    for f in [x] if isinstance(x, Finding) else x:
-        f.probe = f.probe or ""
-    return [x] if isinstance(x, Finding) else list(x)
+    out = [x] if isinstance(x, Finding) else list(x)
+    for f in out:
+        f.probe = f.probe or name
+    return out

@@ -124,6 +124,8 @@ class LayerCase:
         if not m.shape_match:
             return None
         after = m.max_abs
+        if np.isnan(before):  # the layer had the wrong shape: a fix that restores it explains
+            return before, after, 1.0 if after <= self.tolerance else 0.0
         frac = 1.0 - after / before if before > 0 else 0.0
         return before, after, max(0.0, min(1.0, frac))
 
@@ -142,7 +144,9 @@ def _call(fn: Any, xs: list[np.ndarray], rec: Record) -> np.ndarray:
     except ImportError:  # pragma: no cover
         torch = None
     if torch is not None and isinstance(fn, torch.nn.Module):
-        param = next(iter(fn.parameters()), None) or next(iter(fn.buffers()), None)
+        param = next(iter(fn.parameters()), None)
+        if param is None:
+            param = next(iter(fn.buffers()), None)
         dtype = param.dtype if param is not None else torch.float32
         device = param.device if param is not None else "cpu"
         with torch.no_grad():

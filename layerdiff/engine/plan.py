@@ -9,7 +9,7 @@ import numpy as np
 
 from layerdiff.caffe.net import CaffeLayer, CaffeNet
 from layerdiff.engine.registry import LayerImpl, Shape, lookup
-from layerdiff.errors import ModelFormatError, UnsupportedError, layer_error
+from layerdiff.errors import ModelFormatError, UnsupportedError
 
 # Refuse before allocating: a blob past this many elements is a typo, not a model.
 MAX_ELEMENTS = 1 << 34
@@ -80,27 +80,32 @@ def make_plan(net: CaffeNet, input_shapes: dict[str, Shape] | None = None,
             if int(np.prod(s, dtype=np.float64)) > MAX_ELEMENTS:
                 raise impl.invalid(f"output shape {list(s)} is absurdly large; refusing")
         expected = [tuple(s) for s in impl.blob_shapes(bshapes)]
-        blobs = _checked_blobs(lay, expected)
+        for s in expected:
+            if int(np.prod(s, dtype=np.float64)) > MAX_ELEMENTS:
+                raise impl.invalid(f"weight blob shape {list(s)} is absurdly large; refusing")
+        blobs = _checked_blobs(lay, expected, net.weights)
         for t, s in zip(lay.tops, tshapes, strict=True):
             shapes[t] = s
         planned.append(PlannedLayer(lay, impl, bshapes, tshapes, blobs, expected))
     return Plan(net, planned, dict(input_shapes or net.inputs), dict(unknown))
 
 
-def _checked_blobs(lay: CaffeLayer, expected: list[Shape]) -> list[np.ndarray] | None:
+def _checked_blobs(lay: CaffeLayer, expected: list[Shape],
+                   weights: object = None) -> list[np.ndarray] | None:
     if not lay.blobs:
         return None if expected else []
+    where = f"{weights}: " if weights else ""  # name the caffemodel at fault
     if len(lay.blobs) != len(expected):
         want = ", ".join(str(list(s)) for s in expected) or "none"
-        raise layer_error(ModelFormatError, lay.name, lay.type,
-                          f"the caffemodel has {len(lay.blobs)} blob(s), the definition needs "
-                          f"{len(expected)} ({want})")
+        raise ModelFormatError(f"{where}layer '{lay.name}' ({lay.type}): the caffemodel has "
+                               f"{len(lay.blobs)} blob(s), the definition needs "
+                               f"{len(expected)} ({want})")
     out = []
     for i, (raw, want) in enumerate(zip(lay.blobs, expected, strict=True)):
         if raw.shape != want and not (raw.legacy and _legacy4(want) == raw.shape):
-            raise layer_error(ModelFormatError, lay.name, lay.type,
-                              f"blob {i} has shape {list(raw.shape)} in the caffemodel, the "
-                              f"definition needs {list(want)}")
+            raise ModelFormatError(f"{where}layer '{lay.name}' ({lay.type}): blob {i} has "
+                                   f"shape {list(raw.shape)} in the caffemodel, the definition "
+                                   f"needs {list(want)}")
         out.append(raw.data.reshape(want))
     return out
 

@@ -31,7 +31,9 @@ def run_caffe(
     ``dtype`` float32 reproduces Caffe; float64 gives a high-precision reference. Every layer,
     in-place ones included, gets its own record holding its own output array.
     """
-    np_dtype = np.dtype(DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise InputSpecError(f"--dtype {dtype}: the Caffe engine runs float32 or float64")
+    np_dtype = np.dtype(DTYPES[dtype] if isinstance(dtype, str) else dtype)
     if np_dtype not in (np.float32, np.float64):
         raise InputSpecError(f"--dtype {np_dtype}: the Caffe engine runs float32 or float64")
     if isinstance(net, Plan):

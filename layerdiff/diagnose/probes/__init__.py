@@ -14,7 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 #: probe modules, each ``layerdiff/diagnose/probes/<name>.py``
-MODULES: tuple[str, ...] = ()
+MODULES: tuple[str, ...] = (
+    "audit_probe", "batchnorm", "train_mode", "pooling", "lrn", "layout", "preprocessing",
+    "conv", "precision",
+)
 
 
 @dataclass

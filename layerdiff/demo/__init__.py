@@ -1,0 +1,222 @@
+"""``layerdiff demo``: the reported story, end to end, from the package alone.
+
+A Caffe ResNet-50 (KaimingHe's deploy definition, generated in code, with weights whose
+BatchNorm statistics are measured on the demo input) and a torchvision-style PyTorch port of
+it whose weight converter copied the BatchNorm running statistics without dividing by Caffe's
+moving-average scale factor (the third BatchNorm blob, 999.98). ``compare`` finds the first
+divergence at the first BatchNorm group (``bn_conv1``/``scale_conv1`` <-> ``bn1``) and the
+diagnosis says why; the fixed port then passes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from layerdiff.errors import LayerdiffError
+
+#: The demo input: deterministic, and random so every channel differs (a constant input
+#: cannot reveal a channel swap and makes BatchNorm divide by near-zero variances).
+INPUT = "uniform:-1,1:0"
+#: Where the bug shows first.
+EXPECTED_FIRST = ("bn_conv1+scale_conv1", "bn1")
+
+
+@dataclass
+class Scenario:
+    root: Path
+    #: Caffe model directory: deploy.prototxt + resnet50.caffemodel
+    caffe: Path
+    #: the buggy torch port: model.py + weights.pt
+    port: Path
+    #: the same port with the converter fixed
+    fixed: Path
+    input: str = INPUT
+
+
+def build_scenario(root: str | Path, size: int = 224, seed: int = 0) -> Scenario:
+    """Write the Caffe model and both torch ports into ``root`` (new or empty)."""
+    import numpy as np
+    import torch
+
+    from layerdiff.caffe import load_caffe
+    from layerdiff.demo.resnet50 import (
+        resnet50_prototxt,
+        resnet50_state_dict,
+        resnet50_weights,
+        write_caffemodel,
+    )
+    from layerdiff.inputs import make_inputs, parse_specs
+
+    root = Path(root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise LayerdiffError(f"{root}: exists and is not an empty directory; choose another")
+    sc = Scenario(root, root / "caffe_resnet50", root / "torch_port", root / "torch_port_fixed")
+    sc.caffe.mkdir(parents=True)
+    (sc.caffe / "deploy.prototxt").write_text(resnet50_prototxt(size))
+    net = load_caffe(sc.caffe / "deploy.prototxt")
+    # The same array compare will feed (make_inputs draws float64, then casts).
+    data = make_inputs(parse_specs(sc.input), dict(net.inputs))["data"].astype(np.float32)
+    weights = resnet50_weights(net, data, seed=seed)
+    write_caffemodel(sc.caffe / "resnet50.caffemodel", weights,
+                     {lay.name: lay.type for lay in net.layers})
+    model_py = Path(__file__).with_name("torch_resnet50.py").read_text()
+    for folder, divide in ((sc.port, False), (sc.fixed, True)):
+        folder.mkdir()
+        (folder / "model.py").write_text(model_py)
+        # The eps is Caffe's default 1e-5, torch's too: the state_dict is the whole port.
+        torch.save(resnet50_state_dict(net, divide_bn=divide), folder / "weights.pt")
+    return sc
+
+
+def run_demo(keep: str | Path | None = None, console: Console | None = None) -> int:
+    """Build the scenario, compare the buggy port, then the fixed one. 0 when it went as told."""
+    console = console or Console(highlight=False)
+    t0 = time.perf_counter()
+    tmp = None
+    if keep is None:
+        tmp = tempfile.mkdtemp(prefix="layerdiff-demo-")
+        root = Path(tmp)
+    else:
+        root = Path(keep).resolve()
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise LayerdiffError(f"{root}: exists and is not an empty directory; choose another")
+    try:
+        return _run(root, keep is not None, console, t0)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(root: Path, kept: bool, console: Console, t0: float) -> int:
+    from layerdiff.html import write_html
+
+    console.print("[bold]layerdiff demo[/]: a Caffe ResNet-50 and its PyTorch port disagree. "
+                  "Where, by how much, and why?\n")
+    console.print(f"[bold]1/3[/] build the scenario in {root}")
+    t = time.perf_counter()
+    sc = build_scenario(root)
+    console.print(f"  caffe_resnet50/     KaimingHe's ResNet-50 deploy prototxt (224x224) and a "
+                  f"caffemodel whose BatchNorm\n"
+                  f"                      statistics were measured on the demo input, stored "
+                  f"x999.98 (the third blob)\n"
+                  f"  torch_port/         torchvision-style model.py + weights.pt; its converter "
+                  f"copied the BatchNorm\n"
+                  f"                      running mean/var as stored, not divided by the third "
+                  f"blob\n"
+                  f"  torch_port_fixed/   the same port, converted with the division\n"
+                  f"  [dim]({time.perf_counter() - t:.1f}s)[/]\n")
+
+    html = sc.root / "report.html"
+    cmd_bad = (f"layerdiff compare caffe_resnet50 torch_port --input {sc.input} "
+               f"--html report.html")
+    console.print(f"[bold]2/3[/] [cyan]$ {cmd_bad}[/]")
+    t = time.perf_counter()
+    bad = _compare(sc.caffe, sc.port, sc.input)
+    write_html(bad, html, title="layerdiff demo: Caffe ResNet-50 vs the buggy torch port")
+    console.print(_head_table(bad))
+    _summary(bad, console)
+    console.print(f"  [dim]({time.perf_counter() - t:.1f}s; the full table: run the command "
+                  "by hand or open report.html)[/]\n")
+
+    cmd_fixed = f"layerdiff compare caffe_resnet50 torch_port_fixed --input {sc.input}"
+    console.print(f"[bold]3/3[/] the port with the fix: [cyan]$ {cmd_fixed}[/]")
+    t = time.perf_counter()
+    fixed = _compare(sc.caffe, sc.fixed, sc.input)
+    _summary(fixed, console)
+    console.print(f"  [dim]({time.perf_counter() - t:.1f}s)[/]\n")
+
+    fd = bad.first_divergence
+    where = (fd.pair.ref_name, fd.pair.cand_name) if fd is not None else None
+    ok = not bad and where == EXPECTED_FIRST and bool(fixed)
+    total = time.perf_counter() - t0
+    if kept:
+        console.print(f"files kept in [bold]{sc.root}[/] (report.html: the HTML report). "
+                      "Rerun each step by hand:")
+        console.print(f"  cd {sc.root}\n"
+                      f"  layerdiff inspect caffe_resnet50        # the model and its port traps\n"
+                      f"  {cmd_bad} --force\n  {cmd_fixed}\n"
+                      f"  layerdiff align caffe_resnet50 torch_port   # how the names paired")
+    else:
+        console.print("files removed; [bold]layerdiff demo --keep DIR[/] keeps them (and the "
+                      "HTML report) to rerun each step by hand:")
+        console.print(f"  layerdiff demo --keep DIR && cd DIR\n  {cmd_bad} --force\n"
+                      f"  {cmd_fixed}")
+    verdict = ("[green]as expected[/]: the first divergence is the first BatchNorm group and "
+               "the fixed port passes" if ok else
+               f"[red]unexpected[/]: first divergence {where}, fixed port "
+               f"{'passes' if fixed else 'fails'}")
+    console.print(f"\n{verdict} (demo wall time {total:.1f}s)")
+    return 0 if ok else 1
+
+
+def _compare(ref: Path, cand: Path, spec: str):
+    """``compare`` as the command runs it, with its progress bar (on stderr, transient)."""
+    from layerdiff.cli import _progress_bar
+    from layerdiff.comparator import compare
+
+    bar, progress = _progress_bar()
+    with bar:
+        return compare(str(ref), str(cand), spec, progress=progress)
+
+
+def _summary(report, console: Console) -> None:
+    """The summary panel, then the findings grouped by cause (one bug repeated in all 53
+    BatchNorms reads as one finding naming its other layers)."""
+    from rich.panel import Panel
+
+    from layerdiff.html import group_findings
+    from layerdiff.report import _f, summary_panel
+
+    console.print(summary_panel(report))
+    groups = group_findings(report.findings)
+    if not groups:
+        if not report:
+            console.print("  (no diagnosis finding: no probe explained the divergence)")
+        return
+    blocks = []
+    for f, more in groups:
+        lines = [f"[bold]{f.cause}[/]", f"  at: {f.layer or 'model-wide'}   [dim]({f.kind})[/]"]
+        if f.evidence:
+            lines.append(f"  evidence: {f.evidence}")
+        if f.fix:
+            lines.append(f"  fix: [green]{f.fix}[/]")
+        if f.explained is not None:
+            lines.append(f"  explains {f.explained:.0%} of the error "
+                         f"({_f(f.error_before)} -> {_f(f.error_after)})")
+        if more:
+            names = ", ".join(m.layer or "model-wide" for m in more[:3])
+            lines.append(f"  [dim]the same at {len(more)} more place(s): {names}"
+                         + (", ..." if len(more) > 3 else "") + "[/]")
+        blocks.append("\n".join(lines))
+    console.print(Panel("\n\n".join(blocks), title=f"findings ({len(report.findings)})",
+                        border_style="yellow"))
+
+
+def _head_table(report, rows: int = 6) -> Table:
+    """The first rows of the per-layer table: where the error is born."""
+    from layerdiff.report import _f
+
+    fd = report.first_divergence
+    table = Table(header_style="bold", title=f"first {rows} of {len(report.results)} aligned "
+                  "layers", title_justify="left")
+    for col in ("#", "reference", "candidate", "match", "max abs", "local", "tol", ""):
+        table.add_column(col, justify="right" if col in ("#", "max abs", "local", "tol")
+                         else "left")
+    for r in report.results[:rows]:
+        status = "ok" if r.passed else ("FIRST DIVERGENCE" if r is fd else (
+            "inherited" if r.local_passed else "FAIL"))
+        table.add_row(str(r.position), r.pair.ref_name, r.pair.cand_name, r.pair.method,
+                      _f(r.metrics.max_abs), _f(r.local.max_abs) if r.local else "-",
+                      _f(r.tolerance), status,
+                      style=None if r.passed else ("bold red" if r is fd else "red"))
+    return table
+
+
+__all__ = ["EXPECTED_FIRST", "INPUT", "Scenario", "build_scenario", "run_demo"]
