@@ -224,7 +224,9 @@ def main() -> None:
         shape = (1, 3, 224, 224)
         d = model_dir(work, "vgg16_v2format", shape)
         sz = net_sizes(d, shape)
-        base = ["compare", str(d), str(d), "--input", "randn:0", "--summary-only"]
+        # the corpus prototxt declares batch 10: --shape makes it the batch-1 case
+        base = ["compare", str(d), str(d), "--shape", "1,3,224,224", "--input", "randn:0",
+                "--summary-only"]
         case("VGG16 b1 compare", base, sz)
         case("VGG16 b1 compare --stream", base + ["--stream", "STREAM"], sz)
         case("VGG16 b1 compare --stream --no-noise-floor",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a self-contained HTML report (table, findings, error chart)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--summary-only", action="store_true", help="print only the summary")
+    p.add_argument("--explain", metavar="LAYER",
+                   help="print one layer's whole analysis (reference or candidate name)")
+    p.add_argument("--repro", metavar="DIR",
+                   help="write the first diverging layer as a standalone reproduction")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("align", help="print how the layers of two models pair up")
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except LayerdiffError as e:
-        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -209,8 +214,8 @@ def cmd_run(args) -> int:
 
     model = _require_model(args)
     save = Path(args.save) if args.save else None
-    if save is not None and save.exists() and not args.force:
-        raise LayerdiffError(f"{save}: already exists; pass --force to overwrite it")
+    _check_output(save, args.force)
+    _check_stream_dir(args.stream, args.force)
     specs = parse_specs(args.input)
     if any(s.channel_symmetric for s in specs.values()):
         err.print("note: a constant input is the same in every channel, so it cannot reveal a "
@@ -234,6 +239,8 @@ def cmd_run(args) -> int:
             table.add_row(str(rec.index), rec.name, rec.kind, top, "x".join(map(str, arr.shape)),
                           *s)
     out.print(table)
+    for note in trace.meta.get("notes") or []:
+        err.print(f"note: {escape(str(note))}", soft_wrap=True)
     if save is not None:
         trace.save(save)
         out.print(f"saved {len(trace)} records to {save}")
@@ -282,13 +289,39 @@ def _progress_bar():
     return bar, progress
 
 
+def _check_output(path: Path | None, force: bool) -> None:
+    """Refuse, before any work, an output that would overwrite a file or cannot be written."""
+    if path is None:
+        return
+    if path.exists() and not force:
+        raise LayerdiffError(f"{path}: already exists; pass --force to overwrite it")
+    if path.exists() and path.is_dir():
+        raise LayerdiffError(f"{path}: is a directory, not a file")
+    if not path.parent.is_dir():
+        raise LayerdiffError(f"{path}: directory {path.parent} does not exist")
+
+
+def _check_stream_dir(stream: str | None, force: bool) -> None:
+    if not stream:
+        return
+    d = Path(stream)
+    if d.exists() and not d.is_dir():
+        raise LayerdiffError(f"--stream {d}: is a file; give a directory")
+    if d.is_dir() and any(d.iterdir()) and not force:
+        raise LayerdiffError(f"--stream {d}: directory is not empty (its files would be "
+                             "overwritten); choose an empty one or pass --force")
+
+
 def cmd_compare(args) -> int:
     from layerdiff.comparator import DEFAULT_ATOL, DEFAULT_RTOL, compare
     from layerdiff.report import render, write_outputs
 
     for p in (args.csv, args.json_out, args.markdown, args.html):
-        if p and Path(p).exists() and not args.force:
-            raise LayerdiffError(f"{p}: already exists; pass --force to overwrite it")
+        _check_output(Path(p) if p else None, args.force)
+    _check_stream_dir(args.stream, args.force)
+    if args.repro and Path(args.repro).exists() and (
+            not Path(args.repro).is_dir() or any(Path(args.repro).iterdir())):
+        raise LayerdiffError(f"{args.repro}: exists and is not an empty directory; choose another")
     bar, progress = _progress_bar()
     with bar:
         report = compare(
@@ -298,7 +331,17 @@ def cmd_compare(args) -> int:
             map=args.map, noise_floor=not args.no_noise_floor, fail_fast=args.fail_fast,
             ref_options=_side_options(args, "ref"), cand_options=_side_options(args, "cand"),
             progress=progress)
-    render(report, out, all_rows=not args.summary_only)
+    if args.explain:
+        from layerdiff.report import explain
+
+        out.print(explain(report, args.explain))
+    else:
+        render(report, out, all_rows=not args.summary_only)
+    if args.repro:
+        from layerdiff.diagnose.repro import write_repro
+
+        where = write_repro(report, args.repro)
+        out.print(f"wrote a reproduction of the first divergence to {where}")
     for path in write_outputs(report, args.csv, args.json_out, args.markdown, args.force):
         out.print(f"wrote {path}")
     if args.html:

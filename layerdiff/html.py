@@ -13,6 +13,7 @@ from html import escape
 from pathlib import Path
 
 from layerdiff.comparator import PairResult, Report
+from layerdiff.diagnose.finding import group_findings
 from layerdiff.errors import LayerdiffError
 from layerdiff.report import _f, describe
 
@@ -106,23 +107,6 @@ def write_html(report: Report, path: str | Path, force: bool = False,
 
 
 # -- sections -------------------------------------------------------------------------------
-def group_findings(findings: list) -> list[tuple]:
-    """``[(first, [same kind at other layers...])]`` in first-seen order: one bug in every
-    BatchNorm reads as one finding with its other layers listed, not as 50 cards. A second
-    finding of the same kind at a layer already listed (a model-wide one and a per-layer
-    one) is not repeated."""
-    groups: dict[str, tuple] = {}
-    seen: dict[str, set] = {}
-    for f in findings:
-        key = f.kind if f.layer else f"{f.kind}|{f.cause}"
-        if key not in groups:
-            groups[key], seen[key] = (f, []), {f.layer}
-        elif f.layer not in seen[key]:
-            groups[key][1].append(f)
-            seen[key].add(f.layer)
-    return list(groups.values())
-
-
 def _side(meta: dict) -> str:
     what = meta.get("model") or meta.get("framework") or "?"
     return f"{what} ({meta.get('framework', '?')}, {meta.get('dtype', '?')})"

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -56,23 +57,31 @@ def render(report: Report, console: Console, all_rows: bool = True) -> None:
 
 
 def findings_panel(report: Report, limit: int = 10) -> Panel:
-    """Each finding: cause, the evidence, the fix, and how much of the error it removes."""
-    blocks = []
-    for f in report.findings[:limit]:
-        head = f"[bold]{f.kind}[/]" + (f" at [bold]{f.layer}[/]" if f.layer else "")
-        lines = [head, f"  cause: {f.cause}"]
-        if f.evidence:
-            lines.append(f"  evidence: {f.evidence}")
-        if f.fix:
-            lines.append(f"  fix: [green]{f.fix}[/]")
-        if f.explained is not None:
-            lines.append(f"  removes {f.explained:.1%} of the error "
-                         f"({_f(f.error_before)} -> {_f(f.error_after)})")
-        blocks.append("\n".join(lines))
-    more = len(report.findings) - limit
+    """Each cause once (with the other layers it appears at): the evidence, the fix, and how
+    much of the error the fix removes."""
+    from layerdiff.diagnose.finding import group_findings
+
+    blocks = [finding_text(f, others) for f, others in group_findings(report.findings)[:limit]]
+    more = len(group_findings(report.findings)) - limit
     if more > 0:
         blocks.append(f"... and {more} more (--json for all)")
     return Panel("\n\n".join(blocks), title="findings", border_style="yellow")
+
+
+def finding_text(f, others: list | None = None) -> str:
+    head = f"[bold]{escape(f.kind)}[/]" + (f" at [bold]{escape(f.layer)}[/]" if f.layer else "")
+    lines = [head, f"  cause: {escape(f.cause)}"]
+    if f.evidence:
+        lines.append(f"  evidence: {escape(f.evidence)}")
+    if f.fix:
+        lines.append(f"  fix: [green]{escape(f.fix)}[/]")
+    if f.explained is not None:
+        lines.append(f"  removes {f.explained:.1%} of the error "
+                     f"({_f(f.error_before)} -> {_f(f.error_after)})")
+    if others:
+        names = ", ".join(o.layer for o in others[:4]) + (", ..." if len(others) > 4 else "")
+        lines.append(f"  the same at {len(others)} more place(s): {escape(names)}")
+    return "\n".join(lines)
 
 
 def summary_panel(report: Report) -> Panel:
@@ -153,3 +162,37 @@ def to_markdown(frame) -> str:
         cells = [_f(v) if isinstance(v, float) else str(v) for v in row.tolist()]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def explain(report: Report, layer: str) -> Panel:
+    """One layer's whole analysis: how it was paired, every metric, local vs propagated error,
+    the noise floor, and every finding at it."""
+    res = next((r for r in report.results
+                if layer in (r.pair.ref_name, r.pair.cand_name)
+                or layer in [x.name for x in r.pair.ref + r.pair.cand]), None)
+    if res is None:
+        names = ", ".join(r.pair.ref_name for r in report.results[:8])
+        raise LayerdiffError(f"--explain {layer}: no aligned layer has that name (e.g. {names})")
+    m, pair = res.metrics, res.pair
+    lines = [
+        f"[bold]{escape(pair.ref_name)}[/] ({', '.join(r.kind for r in pair.ref)}) <-> "
+        f"[bold]{escape(pair.cand_name)}[/] ({', '.join(c.kind for c in pair.cand)})",
+        f"paired by: {pair.method}" + (f" ({escape(pair.note)})" if pair.note else ""),
+        f"verdict: {res.status}" + (" - the first divergence" if res is report.first_divergence
+                                    else ""),
+        f"shapes: reference {list(m.ref_shape)}, candidate {list(m.cand_shape)}",
+        f"propagated: {describe(res)}, mean abs {_f(m.mean_abs)}, max rel {_f(m.max_rel)}, "
+        f"RMSE {_f(m.rmse)}, SNR {_f(m.snr_db, 4)} dB",
+        f"tolerance {_f(res.tolerance)} = atol {_f(res.atol)} + rtol {_f(res.rtol)} x max|ref| "
+        + (f"+ noise term (float32 noise {_f(res.noise)}, error/noise "
+           f"{_f(res.amplification)})" if res.noise is not None else "(no noise floor)"),
+    ]
+    if res.local is not None:
+        lines.append(f"local (candidate re-run on the reference's inputs): max abs "
+                     f"{_f(res.local.max_abs)} -> "
+                     + ("passes: the error is inherited" if res.local_passed
+                        else "fails on its own"))
+    here = [f for f in report.findings
+            if f.layer and (layer in f.layer or pair.ref_name in f.layer)]
+    lines += [""] + [finding_text(f) for f in here] if here else ["", "no finding at this layer"]
+    return Panel("\n".join(lines), title=f"explain {escape(layer)}")

@@ -19,7 +19,7 @@ from layerdiff.demo.resnet50 import BN_FACTOR, resnet50_prototxt
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """One full demo (about 15 s), kept in a folder, with its printed output."""
+    """One full demo (about 10 s), kept in a folder, with its printed output."""
     root = tmp_path_factory.mktemp("demo") / "kept"
     buf = io.StringIO()
     code = demo.run_demo(root, Console(file=buf, width=160, highlight=False))

@@ -2,9 +2,7 @@
 
 Complements ``tests/test_bad_input.py`` (not repeated here). Each refusal is also checked to
 leave the user's files alone (bytes and mtimes of everything under ``tmp_path``, no new files),
-and a few run as a real ``python -m layerdiff`` process. Tests marked ``xfail(strict=True)``
-describe a gap that needs a change outside the reader/inputs/map/plan code (named in the
-reason); they start passing, and then fail as XPASS, once it is made: drop the marker then.
+and a few run as a real ``python -m layerdiff`` process.
 """
 
 from __future__ import annotations
@@ -247,9 +245,6 @@ def test_nan_weights_are_counted_by_run_and_warned_by_inspect(tmp_path, capsys):
     assert cells[-2:] == ["36", "36"], row  # channel 1 all NaN, channel 2 all Inf (6x6 each)
 
 
-@pytest.mark.xfail(strict=True, reason="lead: cli.cmd_run should print the trace's notes "
-                                       "(trace.meta['notes']) so the NaN/Inf weight warning "
-                                       "shows in `run`, not only in `inspect`")
 def test_nan_weights_warning_shown_by_run(tmp_path, capsys):
     ref, _ = _nan_models(tmp_path)
     assert main(["run", str(ref)]) == 0
@@ -347,10 +342,6 @@ def test_trace_with_object_array_is_never_unpickled(tmp_path, example_dir):
         assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="lead: Trace.load reads arrays lazily outside its "
-                                       "try block; np.load's ValueError ('Object arrays cannot "
-                                       "be loaded when allow_pickle=False') escapes as a "
-                                       "traceback: catch ValueError around data[key] too")
 def test_trace_with_object_array_is_refused(tmp_path, capsys):
     trace = _object_trace(tmp_path, tmp_path / "pwned")
     _fails(capsys, tmp_path, ["run", trace], "trace.npz", "Object arrays")
@@ -392,9 +383,6 @@ def test_torch_model_without_declared_shape(tmp_path, capsys):
     _fails(capsys, tmp_path, ["run", d], "model", "--shape")
 
 
-@pytest.mark.xfail(strict=True, reason="lead: importing model.py writes __pycache__/ into the "
-                                       "user's model folder; set sys.dont_write_bytecode while "
-                                       "adapters/torch_load._import_model_py imports it")
 def test_model_py_import_leaves_no_pycache(tmp_path):
     d = tmp_path / "port"
     d.mkdir()
@@ -510,8 +498,6 @@ def test_float16_for_a_caffe_model(tmp_path, example_dir, capsys):
            "float32 or float64")
 
 
-@pytest.mark.xfail(strict=True, reason="lead: engine/runner.run_caffe calls np.dtype('bfloat16') "
-                                       "(TypeError): check the name against DTYPES first")
 def test_bfloat16_for_a_caffe_model(tmp_path, example_dir, capsys):
     _fails(capsys, tmp_path, ["run", example_dir, "--dtype", "bfloat16"], "bfloat16",
            "float32 or float64")
@@ -536,27 +522,17 @@ def test_write_map_exists(tmp_path, example_dir, capsys):
            "map.toml", "--force")
 
 
-@pytest.mark.xfail(strict=True, reason="lead: cli.cmd_run should refuse --save into a missing "
-                                       "directory before running (now FileNotFoundError from "
-                                       "tempfile.mkstemp after the whole run)")
 def test_save_into_missing_directory(tmp_path, example_dir, capsys):
     _fails(capsys, tmp_path, ["run", example_dir, "--save", tmp_path / "nodir" / "t.npz"],
            "nodir")
 
 
-@pytest.mark.xfail(strict=True, reason="lead: --stream DIR naming an existing file raises "
-                                       "FileExistsError from Trace.__init__; refuse it in the "
-                                       "CLI (and a non-empty DIR without --force: stream files "
-                                       "would overwrite the user's *.npy there)")
 def test_stream_into_existing_file(tmp_path, example_dir, capsys):
     target = tmp_path / "file"
     target.write_text("mine")
     _fails(capsys, tmp_path, ["run", example_dir, "--stream", target], "file")
 
 
-@pytest.mark.xfail(strict=True, reason="lead: cli.main prints the error with rich markup on, "
-                                       "so '[...]' in a message (a layer name, a path, a spec) "
-                                       "is eaten as a style tag: print rich.markup.escape(str(e))")
 def test_error_text_is_not_rich_markup(tmp_path, example_dir, capsys):
     _fails(capsys, tmp_path, ["run", example_dir, "--input", "[red]x"], "'[red]x'")
 

@@ -34,3 +34,20 @@ class Finding:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def group_findings(findings: list) -> list[tuple]:
+    """``[(first, [same kind at other layers...])]`` in first-seen order: one bug in every
+    BatchNorm reads as one finding with its other layers listed, not as 50 cards. A second
+    finding of the same kind at a layer already listed (a model-wide one and a per-layer
+    one) is not repeated."""
+    groups: dict[str, tuple] = {}
+    seen: dict[str, set] = {}
+    for f in findings:
+        key = f.kind if f.layer else f"{f.kind}|{f.cause}"
+        if key not in groups:
+            groups[key], seen[key] = (f, []), {f.layer}
+        elif f.layer not in seen[key]:
+            groups[key][1].append(f)
+            seen[key].add(f.layer)
+    return list(groups.values())
