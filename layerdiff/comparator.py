@@ -181,13 +181,18 @@ def compare(
     feeds = feeds or dict(ref_trace.inputs)
     cand_trace = _trace(candidate, specs, copts, candidate_inputs(feeds, candidate, copts),
                         step("candidate"))
-    floor_trace = None
+    noise_of: dict[str, float] | None = None
     if noise_floor and not isinstance(reference, Trace) and ropts.dtype == "float32" and \
             not _is_saved_trace(reference):
         from dataclasses import replace
 
-        floor_trace = _trace(reference, specs, replace(ropts, dtype="float64", stream_dir=None),
+        stream = str(Path(ropts.stream_dir) / "float64") if ropts.stream_dir else None
+        floor_trace = _trace(reference, specs, replace(ropts, dtype="float64", stream_dir=stream),
                              feeds, step("float64 reference"))
+        # One number per record is all that is kept: the float64 trace is as big as the
+        # reference itself.
+        noise_of = _noise_by_record(ref_trace, floor_trace)
+        del floor_trace
 
     alignment = align(ref_trace, cand_trace, mf)
     notes.extend(alignment.warnings)
@@ -199,7 +204,7 @@ def compare(
             pair_of[r.index] = pos
         m = measure(pair.ref_output, pair.cand_output)
         tol = mf.tolerance_for(pair.ref[-1].name) if mf else {}
-        noise = _noise(floor_trace, pair) if floor_trace is not None else None
+        noise = noise_of.get(pair.ref[-1].name) if noise_of is not None else None
         res = PairResult(pos, pair, m, tol.get("atol", atol), tol.get("rtol", rtol), noise, False)
         res.passed = m.passes(res.tolerance)
         res.inputs_pass = _inputs_pass(pair, ref_trace, pair_of, results)
@@ -210,7 +215,8 @@ def compare(
     if not alignment.pairs:
         raise LayerdiffError("no layer of the candidate could be aligned with the reference; "
                              "write a map file (layerdiff align REF CAND --write-map map.toml)")
-    opts = {"atol": atol, "rtol": rtol, "noise_factor": NOISE_FACTOR if floor_trace else None,
+    opts = {"atol": atol, "rtol": rtol,
+            "noise_factor": NOISE_FACTOR if noise_of is not None else None,
             "input": input if isinstance(input, (str, list)) else "arrays"}
     report = Report(results, alignment, ref_trace, cand_trace, opts, notes, stopped)
     if diagnose:
@@ -272,17 +278,20 @@ def candidate_inputs(feeds, candidate, opts) -> dict[str, np.ndarray] | None:
     return feeds
 
 
-def _noise(floor: Trace, pair: Pair) -> float | None:
-    last = pair.ref[-1]
-    if last.name not in floor:
-        return None
-    hi = floor[last.name].outputs[0]
-    lo = last.outputs[0]
-    if np.shape(hi) != np.shape(lo):
-        return None
-    d = np.abs(np.asarray(lo, np.float64) - np.asarray(hi, np.float64))
-    d = d[np.isfinite(d)]
-    return float(d.max()) if d.size else 0.0
+def _noise_by_record(lo: Trace, hi: Trace) -> dict[str, float]:
+    """max |float32 - float64| of each reference record's first output."""
+    out: dict[str, float] = {}
+    for rec in lo:
+        if rec.name not in hi or not rec.outputs:
+            continue
+        a, b = rec.outputs[0], hi[rec.name].outputs[0]
+        if np.shape(a) != np.shape(b):
+            continue
+        with np.errstate(invalid="ignore", over="ignore"):
+            d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+        d = d[np.isfinite(d)]
+        out[rec.name] = float(d.max()) if d.size else 0.0
+    return out
 
 
 def _inputs_pass(pair: Pair, ref: Trace, pair_of: dict[int, int],

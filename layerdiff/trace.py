@@ -112,18 +112,18 @@ class Trace:
             raise ValueError(f"record name {name!r} is already in the trace")
         index = len(self.records)
         if self.stream_dir is not None:
-            outputs = [self._spill(index, k, a) for k, a in enumerate(outputs)]
+            outputs = _OnDisk([self._spill(index, k, a) for k, a in enumerate(outputs)])
         rec = Record(index, name, kind, list(tops), list(bottoms), list(outputs),
                      dict(attrs or {}), handle, dict(params or {}))
         self.records.append(rec)
         self._by_name[name] = rec
         return rec
 
-    def _spill(self, index: int, k: int, array: np.ndarray) -> np.ndarray:
+    def _spill(self, index: int, k: int, array: np.ndarray) -> Path:
         assert self.stream_dir is not None
         path = self.stream_dir / f"{index:05d}_{k}.npy"
         np.save(path, np.ascontiguousarray(array))
-        return np.load(path, mmap_mode="r")
+        return path
 
     # -- reading --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -245,6 +245,23 @@ class Trace:
     def __repr__(self) -> str:
         fw = self.meta.get("framework", "?")
         return f"<Trace {fw} with {len(self.records)} records>"
+
+
+class _OnDisk(list):
+    """A streamed record's outputs: ``.npy`` paths, each mapped afresh (read-only) on access.
+
+    Nothing stays mapped between accesses, so a streamed trace's pages are released as soon as
+    the caller drops the array: memory follows what is in use, not the whole trace.
+    """
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [np.load(p, mmap_mode="r") for p in list.__getitem__(self, k)]
+        return np.load(list.__getitem__(self, k), mmap_mode="r")
+
+    def __iter__(self):
+        for p in list.__iter__(self):
+            yield np.load(p, mmap_mode="r")
 
 
 def _write_npy(zf: zipfile.ZipFile, key: str, arr: np.ndarray) -> None:

@@ -39,6 +39,9 @@ def layer_cases(report: Report) -> list[LayerCase]:
         if case.local_output is not None:
             case.local_metrics = measure(case.ref_output, case.local_output)
             res.local = case.local_metrics
+            if res.local_passed:  # only failing layers are probed: keep their arrays alone
+                case.local_output = None
+                case.ref_inputs = []
         cases.append(case)
     return cases
 

@@ -59,6 +59,7 @@ def run_caffe(
         v.flags.writeable = False
     values: dict[str, np.ndarray] = {}
     dynamic: set[str] = set()  # blobs whose shape depends on data, so plans cannot be held to
+    last_use = {b: i for i, p in enumerate(plan.layers) for b in p.layer.bottoms}
     n = len(plan.layers)
     for i, p in enumerate(plan.layers):
         lay = p.layer
@@ -86,6 +87,9 @@ def run_caffe(
                         params={str(k): b for k, b in enumerate(p.blobs or [])})
         for t, o in zip(lay.tops, rec.outputs, strict=True):
             values[t] = o
+        for b in lay.bottoms:  # nobody reads it again: let go (streamed traces keep it on disk)
+            if last_use.get(b) == i and b not in lay.tops:
+                values.pop(b, None)
     if progress is not None:
         progress(n, n, "")
     return trace
