@@ -113,7 +113,8 @@ class Trace:
         index = len(self.records)
         if self.stream_dir is not None:
             outputs = _OnDisk([self._spill(index, k, a) for k, a in enumerate(outputs)])
-        rec = Record(index, name, kind, list(tops), list(bottoms), list(outputs),
+        outputs = outputs if isinstance(outputs, _OnDisk) else list(outputs)
+        rec = Record(index, name, kind, list(tops), list(bottoms), outputs,
                      dict(attrs or {}), handle, dict(params or {}))
         self.records.append(rec)
         self._by_name[name] = rec
