@@ -177,34 +177,13 @@ def _compare(ref: Path, cand: Path, spec: str):
 def _summary(report, console: Console) -> None:
     """The summary panel, then the findings grouped by cause (one bug repeated in all 53
     BatchNorms reads as one finding naming its other layers)."""
-    from rich.panel import Panel
-
-    from layerdiff.diagnose.finding import group_findings
-    from layerdiff.report import _f, summary_panel
+    from layerdiff.report import findings_panel, summary_panel
 
     console.print(summary_panel(report))
-    groups = group_findings(report.findings)
-    if not groups:
-        if not report:
-            console.print("  (no diagnosis finding: no probe explained the divergence)")
-        return
-    blocks = []
-    for f, more in groups:
-        lines = [f"[bold]{f.cause}[/]", f"  at: {f.layer or 'model-wide'}   [dim]({f.kind})[/]"]
-        if f.evidence:
-            lines.append(f"  evidence: {f.evidence}")
-        if f.fix:
-            lines.append(f"  fix: [green]{f.fix}[/]")
-        if f.explained is not None:
-            lines.append(f"  explains {f.explained:.0%} of the error "
-                         f"({_f(f.error_before)} -> {_f(f.error_after)})")
-        if more:
-            names = ", ".join(m.layer or "model-wide" for m in more[:3])
-            lines.append(f"  [dim]the same at {len(more)} more place(s): {names}"
-                         + (", ..." if len(more) > 3 else "") + "[/]")
-        blocks.append("\n".join(lines))
-    console.print(Panel("\n\n".join(blocks), title=f"findings ({len(report.findings)})",
-                        border_style="yellow"))
+    if report.findings:
+        console.print(findings_panel(report))
+    elif not report:
+        console.print("  (no diagnosis finding: no probe explained the divergence)")
 
 
 def _head_table(report, rows: int = 6) -> Table:

@@ -24,7 +24,7 @@ import numpy as np
 from layerdiff.diagnose.case import LayerCase
 from layerdiff.diagnose.finding import Finding
 from layerdiff.diagnose.probes import probe
-from layerdiff.diagnose.probes.pooling import (
+from layerdiff.diagnose.probes.counterfactual import (
     caffe_layer,
     cand_op,
     check_fix,

@@ -27,8 +27,8 @@ import numpy as np
 from layerdiff.diagnose.case import LayerCase
 from layerdiff.diagnose.finding import Finding
 from layerdiff.diagnose.probes import probe
+from layerdiff.diagnose.probes.counterfactual import already_reported, check_fix, finding
 from layerdiff.diagnose.probes.layout import fed_otherwise, unaligned_between
-from layerdiff.diagnose.probes.pooling import already_reported, check_fix, finding
 
 if TYPE_CHECKING:
     from layerdiff.comparator import Report
@@ -205,7 +205,7 @@ def _mean_in_bias(case: LayerCase) -> Finding | None:
     import torch
     from torch import nn
 
-    from layerdiff.diagnose.probes.pooling import module_call
+    from layerdiff.diagnose.probes.counterfactual import module_call
 
     mods = case.cand_modules()
     conv = mods[0] if mods else None
