@@ -177,6 +177,11 @@ def compare(
     def step(side: str):
         return (lambda i, n, name: progress(side, i, n, name)) if progress else None
 
+    if isinstance(reference, (str, Path)) and not _is_saved_trace(reference):
+        from layerdiff.sources import detect_framework, load_caffe_model
+
+        if detect_framework(reference) == "caffe":  # parsed once for both reference runs
+            reference = load_caffe_model(reference, ropts)
     ref_trace = _trace(reference, specs, ropts, feeds, step("reference"))
     feeds = feeds or dict(ref_trace.inputs)
     cand_trace = _trace(candidate, specs, copts, candidate_inputs(feeds, candidate, copts),
@@ -243,7 +248,8 @@ def _trace(model: Any, specs, opts, feeds, progress) -> Trace:
         from layerdiff.adapters.caffe import capture_caffe
 
         feeds = feeds or make_inputs(specs, model.inputs)
-        return capture_caffe(model, feeds, dtype=opts.dtype, progress=progress)
+        return capture_caffe(model, feeds, dtype=opts.dtype, stream_dir=opts.stream_dir,
+                             progress=progress)
     try:
         import torch
     except ImportError:  # pragma: no cover

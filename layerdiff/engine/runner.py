@@ -82,8 +82,7 @@ def run_caffe(
                                    f"{got}, its shape function said {p.top_shapes}")
         rec = trace.add(lay.name, lay.type, lay.tops, lay.bottoms, outs,
                         attrs={"source_index": lay.source_index},
-                        handle=CaffeCall(lay, p.impl, blobs if lay.type != "Input" else [],
-                                         np_dtype),
+                        handle=CaffeCall(lay, p.impl, p.blobs or [], np_dtype),
                         params={str(k): b for k, b in enumerate(p.blobs or [])})
         for t, o in zip(lay.tops, rec.outputs, strict=True):
             values[t] = o
@@ -101,7 +100,7 @@ class CaffeCall:
 
     layer: CaffeLayer
     impl: LayerImpl | None
-    blobs: list[np.ndarray]
+    blobs: list[np.ndarray]  # as stored (float32); cast to ``dtype`` per run
     dtype: np.dtype
 
     def run(self, *inputs: np.ndarray) -> list[np.ndarray]:
@@ -109,7 +108,9 @@ class CaffeCall:
             raise ModelFormatError(f"layer '{self.layer.name}' ({self.layer.type}) cannot be "
                                    "re-run on its own")
         bottoms = [np.ascontiguousarray(x, dtype=self.dtype) for x in inputs]
-        return [np.asarray(o) for o in self.impl.forward(bottoms, self.blobs)]
+        # Cast here, not at capture: a float64 trace must not keep a float64 copy of the model.
+        blobs = [b if b.dtype == self.dtype else b.astype(self.dtype) for b in self.blobs]
+        return [np.asarray(o) for o in self.impl.forward(bottoms, blobs)]
 
 
 def _finish(out: np.ndarray, dtype: np.dtype) -> np.ndarray:
