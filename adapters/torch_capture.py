@@ -471,11 +471,28 @@ class _Recorder:
         return trace
 
 
+_PARAMS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _module_params(m: nn.Module) -> dict[str, np.ndarray]:
     """A module's own parameters and buffers, for weight audits and fingerprint alignment.
 
     On the CPU these are read-only views (no copy of a large model's weights per capture).
+    Reused across captures while no tensor of the module was replaced or written (its
+    storage and ``_version`` are unchanged): repeated captures pay nothing for them.
     """
+    tensors = [*m._parameters.items(), *m._buffers.items()]
+    key = tuple((n, t.data_ptr(), t._version, t.dtype, t.device) for n, t in tensors
+                if t is not None)
+    hit = _PARAMS_CACHE.get(m)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    out = _read_params(m)
+    _PARAMS_CACHE[m] = (key, out)
+    return out
+
+
+def _read_params(m: nn.Module) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     buffers = dict(m.named_buffers(recurse=False))
     for name, t in [*m.named_parameters(recurse=False), *buffers.items()]:
