@@ -106,8 +106,8 @@ def _rank(findings: list[Finding], cases: list[LayerCase], wide: set[str]) -> li
             more = f.data.get("layers") or []
             if len(more) > 1 and "layers" not in winner.data:  # e.g. the audit saw it everywhere
                 winner.data["layers"] = more
-                winner.evidence += (f" The same cause is in {len(more) - 1} more layer(s): "
-                                    f"{f.cause}")
+                winner.evidence = (f"{winner.evidence.rstrip('. ')}. The {f.probe or 'probe'} "
+                                   f"finds the same cause in {len(more) - 1} more layer(s).")
             continue
         best[(pos, f.kind)] = f
         rest.append(f)
