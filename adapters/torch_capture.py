@@ -28,7 +28,7 @@ import copy
 import inspect
 import operator
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -465,13 +465,37 @@ class _Recorder:
             params = None
             if isinstance(fn, nn.Module):
                 if id(fn) not in params_of:
-                    params_of[id(fn)] = _module_params(fn)
+                    params_of[id(fn)] = _LazyParams(fn)
                 params = params_of[id(fn)]
             trace.add(e.name, e.kind, tops, e.bottoms, outs, attrs, handle, params)
         return trace
 
 
 _PARAMS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _LazyParams(Mapping):
+    """A record's parameters, read from the module when first asked for (alignment, audits,
+    saving), so a capture whose parameters nobody reads pays nothing for them."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module: nn.Module | None = module
+        self._params: dict[str, np.ndarray] | None = None
+
+    def _get(self) -> dict[str, np.ndarray]:
+        if self._params is None:
+            self._params = _module_params(self._module)
+            self._module = None
+        return self._params
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._get()[key]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
 
 
 def _module_params(m: nn.Module) -> dict[str, np.ndarray]:

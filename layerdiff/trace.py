@@ -22,7 +22,7 @@ import json
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,8 @@ class Record:
     outputs: list[np.ndarray] = field(repr=False)
     attrs: dict[str, Any] = field(default_factory=dict)
     handle: Any = field(default=None, repr=False, compare=False)
-    params: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    #: a dict, or any read-only mapping (adapters may read parameters lazily)
+    params: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def output(self) -> np.ndarray:
@@ -103,7 +104,7 @@ class Trace:
         outputs: list[np.ndarray],
         attrs: dict[str, Any] | None = None,
         handle: Any = None,
-        params: dict[str, np.ndarray] | None = None,
+        params: Mapping[str, np.ndarray] | None = None,
     ) -> Record:
         """Append a record; ``outputs`` must not be mutated by the caller afterwards."""
         if len(tops) != len(outputs):
@@ -115,7 +116,7 @@ class Trace:
             outputs = _OnDisk([self._spill(index, k, a) for k, a in enumerate(outputs)])
         outputs = outputs if isinstance(outputs, _OnDisk) else list(outputs)
         rec = Record(index, name, kind, list(tops), list(bottoms), outputs,
-                     dict(attrs or {}), handle, dict(params or {}))
+                     dict(attrs or {}), handle, {} if params is None else params)
         self.records.append(rec)
         self._by_name[name] = rec
         return rec
