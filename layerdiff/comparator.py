@@ -268,20 +268,25 @@ def _trace(model: Any, specs, opts, feeds, progress) -> Trace:
 
 def candidate_inputs(feeds, candidate, opts) -> dict[str, np.ndarray] | None:
     """The candidate gets the reference's input arrays, by position when names differ."""
-    if feeds is None or isinstance(candidate, Trace) or _is_saved_trace(candidate):
-        return None if isinstance(candidate, Trace) or _is_saved_trace(candidate) else feeds
+    if isinstance(candidate, Trace) or _is_saved_trace(candidate):
+        return None  # a saved trace brings its own inputs
+    if feeds is None:
+        return None
     from layerdiff.caffe import CaffeNet
 
+    names = None
     if isinstance(candidate, CaffeNet):
         names = list(candidate.inputs)
-        return dict(zip(names, feeds.values(), strict=False))
-    if isinstance(candidate, (str, Path)):
-        from layerdiff.sources import detect_framework, load_caffe_model
+    elif isinstance(candidate, (str, Path)):
+        from layerdiff.sources import detect_framework
 
         if detect_framework(candidate) == "caffe":
-            names = list(load_caffe_model(candidate, opts).inputs)
-            return dict(zip(names, feeds.values(), strict=False))
-    return feeds
+            from layerdiff.caffe import find_model_files, load_caffe
+
+            # Only the input names are needed: read the prototxt, not the weights.
+            proto = opts.prototxt or find_model_files(candidate)[0]
+            names = list(load_caffe(prototxt=proto, shape=opts.shape).inputs)
+    return feeds if names is None else dict(zip(names, feeds.values(), strict=False))
 
 
 def _noise_by_record(lo: Trace, hi: Trace) -> dict[str, float]:
