@@ -175,6 +175,7 @@ def check_end_to_end(g: Golden, tol: float, dtype: str = "float32") -> dict[str,
     for rec, k, key in layer_records(g):
         ours = trace[rec["name"]].outputs[k]
         where = f"{g.path.name} {key}"
+        assert ours.dtype == np.dtype(dtype), f"{where}: computed in {ours.dtype}, not {dtype}"
         if g.sampled:
             errs[key] = compare_sampled(ours, g, key, tol, where)
         else:

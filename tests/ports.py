@@ -161,3 +161,12 @@ from layerdiff.demo.torch_resnet50 import Bottleneck, CaffeResNet50  # noqa: E40
 
 __all__ = ["Bottleneck", "CaffeResNet50", "ChannelAffine", "EltwiseSum", "FlattenLinear",
            "GraphPort", "load_resnet50_from_caffe", "resnet50_name_map"]
+
+
+def planted_port(net: CaffeNet, plant=None) -> GraphPort:
+    """A correct GraphPort of ``net`` with ``plant(port)`` applied (a bug, under no_grad)."""
+    port = GraphPort(net).eval()
+    if plant is not None:
+        with torch.no_grad():
+            plant(port)
+    return port

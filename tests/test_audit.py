@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from golden import CORPUS, GOLDEN, load_golden, require_shared
-from ports import GraphPort, load_resnet50_from_caffe
+from ports import GraphPort, load_resnet50_from_caffe, planted_port
 
 import layerdiff
 import layerdiff.diagnose.probes.audit_probe  # noqa: F401 - registers the probe
@@ -55,11 +55,7 @@ def resnet50():
 
 
 def _port(net, plant=None):
-    port = GraphPort(net).eval()
-    if plant is not None:
-        with torch.no_grad():
-            plant(port)
-    return port
+    return planted_port(net, plant)
 
 
 def _problems(res: AuditResult) -> dict[tuple[str, int], tuple[str | None, str]]:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_checks import cli_fails
 
 from layerdiff.cli import main
 
@@ -16,16 +17,7 @@ CONV = ('layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" '
 
 
 def _fails(capsys, argv, *needles):
-    code = main(argv)
-    captured = capsys.readouterr()
-    assert code == 2, captured
-    msg = captured.err.strip()
-    assert "Traceback" not in msg
-    lines = [ln for ln in msg.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one line, got: {msg!r}"
-    for n in needles:
-        assert n in msg, f"{n!r} not in {msg!r}"
-    return msg
+    return cli_fails(capsys, argv, *needles)
 
 
 def _model(tmp_path, text, weights: bytes | None = None):

@@ -6,10 +6,17 @@ import json
 
 import numpy as np
 import pytest
-from golden import GOLDEN, UNIT_TOL, compare, golden_dirs, load_golden, require_shared
+from golden import (
+    GOLDEN,
+    UNIT_TOL,
+    check_end_to_end,
+    golden_dirs,
+    load_golden,
+    require_shared,
+)
 
 from layerdiff.caffe import load_caffe
-from layerdiff.engine import make_plan, run_caffe
+from layerdiff.engine import make_plan
 from layerdiff.errors import LayerdiffError
 
 SHAPE = (2, 3, 4, 5)
@@ -183,12 +190,4 @@ def _my_cases():
 @pytest.mark.parametrize("case", _my_cases())
 def test_goldens_in_float64(case):
     # The whole net run in float64 stays float64 and within the unit tolerance of Caffe.
-    g = load_golden(case)
-    trace = run_caffe(g.net, g.feeds, dtype="float64")
-    for rec in g.meta["layers"]:
-        if rec["type"] == "Input":
-            continue
-        for k, top in enumerate(rec["tops"]):
-            ours = trace[rec["name"]].outputs[k]
-            assert ours.dtype == np.float64
-            compare(ours, g.trace[g.key(rec, top)], UNIT_TOL, f"{case.name} {top}")
+    check_end_to_end(load_golden(case), UNIT_TOL, dtype="float64")

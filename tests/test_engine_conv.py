@@ -10,23 +10,15 @@ import json
 import numpy as np
 import pytest
 from golden import GOLDEN, require_shared
+from nets import caffe_net
 
 from layerdiff.caffe import load_caffe
-from layerdiff.caffe.weights import RawBlob
 from layerdiff.engine import conv, make_plan, run_caffe
 from layerdiff.errors import LayerdiffError
 
 
 def _net(tmp_path, body: str, shape=(2, 3, 7, 9), weights=None):
-    dims = " ".join(f"dim: {d}" for d in shape)
-    path = tmp_path / "x.prototxt"
-    path.write_text(f'layer {{ name: "data" type: "Input" top: "data" '
-                    f"input_param {{ shape {{ {dims} }} }} }}\n{body}")
-    net = load_caffe(prototxt=path)
-    for lay in net.layers:
-        if weights and lay.name in weights:
-            lay.blobs = [RawBlob(np.ravel(a), a.shape, False) for a in weights[lay.name]]
-    return net
+    return caffe_net(tmp_path, body, {"data": shape}, weights)
 
 
 def _layer(name: str, kind: str, param: str, bottoms=("data",), tops=None) -> str:

@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from nets import caffe_net
 
-from layerdiff.caffe import load_caffe
-from layerdiff.caffe.weights import RawBlob
 from layerdiff.engine import make_plan, run_caffe
 from layerdiff.errors import LayerdiffError
 
 
 def _net(tmp_path, body: str, shape, weights=None):
-    dims = " ".join(f"dim: {d}" for d in shape)
-    path = tmp_path / "x.prototxt"
-    path.write_text(f'layer {{ name: "data" type: "Input" top: "data" '
-                    f"input_param {{ shape {{ {dims} }} }} }}\n{body}")
-    net = load_caffe(prototxt=path)
-    for lay in net.layers:
-        if weights and lay.name in weights:
-            lay.blobs = [RawBlob(np.ravel(a), a.shape, False) for a in weights[lay.name]]
-    return net
+    return caffe_net(tmp_path, body, {"data": shape}, weights)
 
 
 def _ip(param: str) -> str:

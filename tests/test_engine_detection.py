@@ -18,8 +18,8 @@ from golden import (
     load_golden,
     require_shared,
 )
+from nets import caffe_net
 
-from layerdiff.caffe import load_caffe
 from layerdiff.engine import lookup, make_plan, run_caffe
 from layerdiff.errors import LayerdiffError, ModelFormatError, UnsupportedError
 
@@ -68,13 +68,7 @@ def test_corpus_priorboxes(case):
 
 # -- helpers ----------------------------------------------------------------------------------
 def _net(tmp_path, body: str, inputs: dict[str, tuple[int, ...]]):
-    shapes = " ".join("shape { " + " ".join(f"dim: {d}" for d in s) + " }"
-                      for s in inputs.values())
-    tops = " ".join(f'top: "{n}"' for n in inputs)
-    text = f'layer {{ name: "in" type: "Input" {tops} input_param {{ {shapes} }} }}\n{body}'
-    path = tmp_path / "x.prototxt"
-    path.write_text(text)
-    return load_caffe(prototxt=path)
+    return caffe_net(tmp_path, body, inputs)
 
 
 def _priorbox(tmp_path, params: str, feat=(1, 4, 3, 5), img=(1, 3, 30, 50), bottoms=2):

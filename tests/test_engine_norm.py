@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 from golden import GOLDEN, UNIT_TOL, compare, golden_dirs, load_golden, require_shared
+from nets import caffe_net
 
 from layerdiff.caffe import load_caffe
-from layerdiff.caffe.weights import RawBlob
 from layerdiff.engine import make_plan, run_caffe
 from layerdiff.errors import LayerdiffError, ModelFormatError, UnsupportedError
 
@@ -18,18 +18,7 @@ SHAPE = (2, 3, 4, 5)
 
 def _net(tmp_path, layers: str, inputs: dict[str, tuple] | None = None, blobs=None):
     """A net of Input layers plus ``layers`` (prototxt text); ``blobs``: {layer: [arrays]}."""
-    text = ""
-    for name, shape in (inputs or {"data": SHAPE}).items():
-        dims = " ".join(f"dim: {d}" for d in shape)
-        text += (f'layer {{ name: "{name}" type: "Input" top: "{name}" '
-                 f'input_param {{ shape {{ {dims} }} }} }}\n')
-    (tmp_path / "x.prototxt").write_text(text + layers)
-    net = load_caffe(prototxt=tmp_path / "x.prototxt")
-    for lay in net.layers:
-        if blobs and lay.name in blobs:
-            lay.blobs = [RawBlob(np.asarray(a, np.float32).ravel(), np.shape(a), False)
-                         for a in blobs[lay.name]]
-    return net
+    return caffe_net(tmp_path, layers, inputs or {"data": SHAPE}, blobs, np.float32)
 
 
 def _plan(tmp_path, layer: str, shape=SHAPE, blobs=None, phase="TEST"):

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 from golden import GOLDEN, require_shared
+from nets import caffe_net
 
 from layerdiff.caffe import load_caffe
 from layerdiff.engine import make_plan, run_caffe
@@ -19,12 +20,7 @@ FLT_MAX = float(np.finfo(np.float32).max)
 
 
 def _net(tmp_path, body: str, shape=(2, 3, 7, 9)):
-    dims = " ".join(f"dim: {d}" for d in shape)
-    text = (f'layer {{ name: "data" type: "Input" top: "data" '
-            f"input_param {{ shape {{ {dims} }} }} }}\n{body}")
-    path = tmp_path / "x.prototxt"
-    path.write_text(text)
-    return load_caffe(prototxt=path)
+    return caffe_net(tmp_path, body, {"data": shape})
 
 
 def _run(tmp_path, body: str, x: np.ndarray, dtype: str = "float32"):

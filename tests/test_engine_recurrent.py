@@ -6,10 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from golden import UNIT_TOL, compare, golden_dirs, load_golden
+from golden import UNIT_TOL, check_end_to_end, golden_dirs, load_golden
+from nets import caffe_net
 
-from layerdiff.caffe import load_caffe
-from layerdiff.caffe.weights import RawBlob
 from layerdiff.engine import make_plan, run_caffe
 from layerdiff.errors import LayerdiffError
 
@@ -17,16 +16,8 @@ T, N, H = 4, 3, 5
 
 
 def _net(tmp_path, inputs: dict[str, tuple], layer: str, blobs=None):
-    tops = " ".join(f'top: "{k}"' for k in inputs)
-    shapes = " ".join("shape { " + " ".join(f"dim: {d}" for d in s) + " }" for s in inputs.values())
-    (tmp_path / "x.prototxt").write_text(
-        f'layer {{ name: "in" type: "Input" {tops} input_param {{ {shapes} }} }}\n'
-        f'layer {{ name: "l" {layer} }}\n')
-    net = load_caffe(prototxt=tmp_path / "x.prototxt")
-    if blobs is not None:
-        net.layer("l").blobs = [RawBlob(np.asarray(b, np.float32).ravel(), b.shape, False)
-                                for b in blobs]
-    return net
+    return caffe_net(tmp_path, f'layer {{ name: "l" {layer} }}', inputs,
+                     None if blobs is None else {"l": blobs}, np.float32)
 
 
 def _sig(x):
@@ -222,12 +213,4 @@ def _my_cases():
 
 @pytest.mark.parametrize("case", _my_cases())
 def test_goldens_in_float64(case):
-    g = load_golden(case)
-    trace = run_caffe(g.net, g.feeds, dtype="float64")
-    for rec in g.meta["layers"]:
-        if rec["type"] == "Input":
-            continue
-        for k, top in enumerate(rec["tops"]):
-            ours = trace[rec["name"]].outputs[k]
-            assert ours.dtype == np.float64
-            compare(ours, g.trace[g.key(rec, top)], UNIT_TOL, f"{case.name} {top}")
+    check_end_to_end(load_golden(case), UNIT_TOL, dtype="float64")

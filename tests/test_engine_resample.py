@@ -8,18 +8,14 @@ import itertools
 
 import numpy as np
 import pytest
+from nets import caffe_net
 
-from layerdiff.caffe import load_caffe
 from layerdiff.engine import make_plan, run_caffe
 from layerdiff.errors import LayerdiffError
 
 
 def _net(tmp_path, body: str, shape=(2, 3, 7, 9)):
-    dims = " ".join(f"dim: {d}" for d in shape)
-    path = tmp_path / "x.prototxt"
-    path.write_text(f'layer {{ name: "data" type: "Input" top: "data" '
-                    f"input_param {{ shape {{ {dims} }} }} }}\n{body}")
-    return load_caffe(prototxt=path)
+    return caffe_net(tmp_path, body, {"data": shape})
 
 
 def _run(tmp_path, body: str, x: np.ndarray, dtype: str = "float32"):

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from golden import GOLDEN, golden_dirs, load_golden, require_shared
+from nets import caffe_net
 
 from layerdiff.caffe import load_caffe
 from layerdiff.engine import lookup, make_plan, run_caffe
@@ -64,11 +65,7 @@ def test_golden_bit_equal(case):
 
 # -- helpers ----------------------------------------------------------------------------------
 def _net(tmp_path, inputs: dict[str, tuple[int, ...]], body: str):
-    lines = [f'layer {{ name: "in_{k}" type: "Input" top: "{k}" input_param {{ shape {{ '
-             + " ".join(f"dim: {d}" for d in s) + " } } }" for k, s in inputs.items()]
-    path = tmp_path / "x.prototxt"
-    path.write_text('name: "t"\n' + "\n".join(lines) + "\n" + body + "\n")
-    return load_caffe(prototxt=path)
+    return caffe_net(tmp_path, body, inputs)
 
 
 def _run(tmp_path, inputs: dict[str, np.ndarray], body: str, dtype: str = "float32"):

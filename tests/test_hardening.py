@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_checks import cli_fails
 from golden import CORPUS, require_shared
 
 from layerdiff.caffe import caffe_pb2
@@ -31,27 +32,9 @@ LENET = "lenet_mnist/lenet_iter_10000.caffemodel"
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def _snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
-    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def _fails(capsys, tmp_path: Path, argv: list[str], *needles: str) -> str:
     """Run the CLI: exit 2, one stderr line holding every needle, no traceback, files intact."""
-    before = _snapshot(tmp_path)
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    assert code == 2, captured
-    msg = captured.err.strip()
-    assert "Traceback" not in msg
-    lines = [ln for ln in msg.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one line, got: {msg!r}"
-    for n in needles:
-        assert str(n) in msg, f"{n!r} not in {msg!r}"
-    after = _snapshot(tmp_path)
-    assert after == before, (f"user files changed: "
-                             f"{sorted(set(after) ^ set(before)) or 'contents/mtimes'}")
-    return msg
+    return cli_fails(capsys, argv, *needles, untouched=tmp_path)
 
 
 def _process(*argv, cwd=None, env=None):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from golden import CORPUS, GOLDEN, load_golden, require_shared
-from ports import GraphPort
+from ports import planted_port
 
 import layerdiff
 import layerdiff.diagnose.probes.audit_probe  # noqa: F401 - registered with the others
@@ -44,11 +44,7 @@ def lenet():
 
 
 def _port(net, plant=None):
-    port = GraphPort(net).eval()
-    if plant is not None:
-        with torch.no_grad():
-            plant(port)
-    return port
+    return planted_port(net, plant)
 
 
 def _case(net, port, ref_name, **kw):
