@@ -33,11 +33,9 @@ def test_demo_tells_the_story(demo_run):
     assert "DIVERGENCE: 1 of 174 aligned layers agree" in text
     assert "PASS: 174 of 174 aligned layers agree" in text
     assert "as expected" in text and re.search(r"demo wall time \d+\.\ds", text)
-    from layerdiff.diagnose.probes import MODULES
-
-    if {"batchnorm", "audit_probe"} & set(MODULES):  # the diagnosis says why, with the fix
-        assert "bn_scale_factor" in text and "999.98" in text
-        assert "bn_scale_factor" in (root / "report.html").read_text()
+    # the diagnosis says why, with the fix
+    assert "bn_scale_factor" in text and "999.98" in text
+    assert "bn_scale_factor" in (root / "report.html").read_text()
     # how to rerun each step by hand, and where the files are
     assert f"cd {root}" in text
     assert "layerdiff compare caffe_resnet50 torch_port --input uniform:-1,1:0" in text
