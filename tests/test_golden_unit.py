@@ -8,7 +8,14 @@ a few layers deep, and the same bound holds.
 from __future__ import annotations
 
 import pytest
-from golden import UNIT_TOL, check_end_to_end, check_teacher_forced, golden_dirs, load_golden
+from golden import (
+    UNIT_TOL,
+    check_end_to_end,
+    check_teacher_forced,
+    golden_dirs,
+    load_golden,
+    recorded_keys,
+)
 
 
 def _cases(kind: str):
@@ -22,23 +29,25 @@ def _cases(kind: str):
 def test_unit_teacher_forced(case):
     g = load_golden(case)
     errs = check_teacher_forced(g, UNIT_TOL)
-    assert errs, f"{case.name}: no layer output was compared"
+    assert errs and set(errs) == recorded_keys(g), f"{case.name}: not every output was compared"
 
 
 @pytest.mark.parametrize("case", _cases("unit"))
 def test_unit_end_to_end(case):
     g = load_golden(case)
-    check_end_to_end(g, UNIT_TOL)
+    errs = check_end_to_end(g, UNIT_TOL)
+    assert errs and set(errs) == recorded_keys(g), f"{case.name}: not every output was compared"
 
 
 @pytest.mark.parametrize("case", _cases("fork"))
 def test_fork_teacher_forced(case):
     g = load_golden(case)
     errs = check_teacher_forced(g, UNIT_TOL)
-    assert errs, f"{case.name}: no layer output was compared"
+    assert errs and set(errs) == recorded_keys(g), f"{case.name}: not every output was compared"
 
 
 @pytest.mark.parametrize("case", _cases("fork"))
 def test_fork_end_to_end(case):
     g = load_golden(case)
-    check_end_to_end(g, UNIT_TOL)
+    errs = check_end_to_end(g, UNIT_TOL)
+    assert errs and set(errs) == recorded_keys(g), f"{case.name}: not every output was compared"
