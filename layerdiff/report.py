@@ -135,6 +135,8 @@ def write_outputs(report: Report, csv: str | None = None, json_path: str | None 
     for p, _ in targets:
         if Path(p).exists() and not force:
             raise LayerdiffError(f"{p}: already exists; pass --force to overwrite it")
+    if not targets:
+        return []  # no table to build (pandas is slow to import)
     frame = report.to_frame()
     written = []
     for p, kind in targets:

@@ -46,6 +46,11 @@ GROUP_AT = 3
 def weight_audit(report: Any) -> list[Finding] | None:
     ref, cand = report.reference, report.candidate
     layers = ref_layers_from_trace(ref)
+    if report:
+        # A passing port is audited only for what its input cannot show: the layers reading
+        # the model input (a BGR/RGB swap under a constant input).
+        first = {r.name for r in ref.records if r.bottoms and set(r.bottoms) <= set(ref.inputs)}
+        layers = [lay for lay in layers if lay.name in first]
     params, kinds = cand_from_trace(cand)
     if not layers or not params:
         return None  # not a Caffe reference with blobs, or a candidate without parameters
