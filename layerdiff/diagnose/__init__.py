@@ -9,9 +9,10 @@ One acceptance rule (:func:`accepted`): a finding is shown only when its counter
 removes at least 90% of the pair's error and ends within the pair's tolerance (plus the
 rounding slack of a reduced-precision candidate), the rule ``check_fix`` applies inside the
 probes. Labels are exempt because they propose no change to the port: ``precision`` ("rounding,
-not a bug") and ``model_train_mode`` (the model arrived in train mode; it was compared in
-eval()). A model-wide finding that names no aligned pair has no tolerance to meet, so only a
-label may be one; so may a weight the audit proves rearranged when the input cannot test the
+not a bug"), ``model_train_mode`` (the model arrived in train mode; it was compared in eval())
+and ``input_channel_order_undecidable`` (a constant input cannot tell BGR from RGB). A
+model-wide finding that names no aligned pair has no tolerance to meet, so only a label may be
+one; so may a weight the audit proves rearranged when the input cannot test the
 fix (a constant input hides a BGR/RGB swap). Rejected findings become ``report.ruled_out``
 (shown under ``--explain``). A passing port gets no finding but labels. A probe that raises is
 logged (``logging``, debug) and is never a finding.
@@ -37,7 +38,7 @@ __all__ = ["Finding", "LayerCase", "accepted", "diagnose", "layer_cases"]
 log = logging.getLogger(__name__)
 
 #: findings that name a cause but propose no fix of the port's numbers
-LABELS = frozenset({"precision", "model_train_mode"})
+LABELS = frozenset({"precision", "model_train_mode", "input_channel_order_undecidable"})
 
 
 def layer_cases(report: Report, probed: set[int] | None = None) -> list[LayerCase]:
