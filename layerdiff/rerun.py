@@ -67,7 +67,7 @@ def _call(fn: Any, xs: list[np.ndarray]) -> np.ndarray:
         dtype = param.dtype if param is not None else torch.float32
         device = param.device if param is not None else "cpu"
         with torch.no_grad():
-            out = fn(*[torch.as_tensor(np.asarray(x)).to(device, dtype) for x in xs])
+            out = fn(*[torch.as_tensor(np.array(x)).to(device, dtype) for x in xs])
         return out.detach().float().cpu().numpy()
     return np.asarray(fn(*xs))
 
