@@ -78,10 +78,17 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             raise _needs_code(path, e) from None
     except Exception as e:  # noqa: BLE001 - corrupt/truncated/foreign file
         raise ModelFormatError(f"{path}: not a readable torch file ({_first_line(e)})") from None
+    # A whole pickled module names its class by module (MMdnn's ``MainModel``): the class's
+    # file sits beside the model, so that folder leads sys.path while unpickling, and only then.
+    # No __pycache__ is written into the user's folder.
+    saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with _on_path(path.parent):
+            return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - the trusted pickle's own code failed
         raise ModelFormatError(f"{path}: unpickling failed ({_first_line(e)})") from None
+    finally:
+        sys.dont_write_bytecode = saved
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """layerdiff: where do two ports of a model first disagree, by how much, and why."""
 
+from layerdiff.api import compare
 from layerdiff.caffe import CaffeNet, load_caffe
-from layerdiff.comparator import PairResult, Report, compare
+from layerdiff.comparator import PairResult, Report
 from layerdiff.errors import LayerdiffError
 from layerdiff.trace import Record, Trace
 

@@ -274,21 +274,6 @@ def _side_options(args, side: str):
         stream_dir=(str(Path(args.stream) / side) if args.stream else None))
 
 
-def _progress_bar():
-    from rich.progress import BarColumn, Progress, TextColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                   TextColumn("{task.fields[layer]}"), console=err, transient=True)
-    tasks: dict[str, int] = {}
-
-    def progress(side: str, i: int, n: int, name: str) -> None:
-        if side not in tasks:
-            tasks[side] = bar.add_task(side, total=n, layer="")
-        bar.update(tasks[side], total=n, completed=i, layer=name[:40])
-
-    return bar, progress
-
-
 def _check_output(path: Path | None, force: bool) -> None:
     """Refuse, before any work, an output that would overwrite a file or cannot be written."""
     if path is None:
@@ -313,7 +298,9 @@ def _check_stream_dir(stream: str | None, force: bool) -> None:
 
 
 def cmd_compare(args) -> int:
-    from layerdiff.comparator import DEFAULT_ATOL, DEFAULT_RTOL, compare
+    from layerdiff.api import compare
+    from layerdiff.comparator import DEFAULT_ATOL, DEFAULT_RTOL
+    from layerdiff.progress import progress_bar
     from layerdiff.report import render, write_outputs
 
     for p in (args.csv, args.json_out, args.markdown, args.html):
@@ -322,7 +309,7 @@ def cmd_compare(args) -> int:
     if args.repro and Path(args.repro).exists() and (
             not Path(args.repro).is_dir() or any(Path(args.repro).iterdir())):
         raise LayerdiffError(f"{args.repro}: exists and is not an empty directory; choose another")
-    bar, progress = _progress_bar()
+    bar, progress = progress_bar(err)
     with bar:
         report = compare(
             args.reference, args.candidate, args.input,

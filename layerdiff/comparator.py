@@ -1,5 +1,15 @@
 """``compare``: run both sides on the same input, align, measure, decide, find the first divergence.
 
+This is the verdict alone; the face (``layerdiff.api``: the CLI and ``layerdiff.compare``) runs
+the diagnosis after it.
+
+First divergence: the first aligned pair, in reference order, that fails end to end while every
+aligned pair feeding it passes. Where the error entered is told by the pair's local error (its
+candidate group re-run on the reference's own inputs), measured only for failing pairs: failing
+locally means in the pair itself; passing locally means between its passing inputs and it, on
+the unaligned records ``align.path.between`` finds. A pair that fails only locally is no
+divergence (a port that permutes to NHWC and keeps HWC weights is right end to end).
+
 Tolerance per aligned pair: ``max|ref - cand| <= atol + rtol * max|ref| + noise_factor * noise``
 where ``noise`` is the reference's own float32 rounding at that layer, measured against a float64
 run of the reference (when the reference can be re-run). A fixed tolerance cannot serve every
@@ -18,10 +28,13 @@ from typing import Any
 import numpy as np
 
 from layerdiff.align import Alignment, MapFile, Pair, align, load_mapfile
+from layerdiff.align.path import between
+from layerdiff.coverage import Coverage, coverage
 from layerdiff.errors import InputSpecError, LayerdiffError
 from layerdiff.inputs import make_inputs, parse_specs
 from layerdiff.metrics import Metrics, measure
-from layerdiff.trace import Trace
+from layerdiff.rerun import reference_inputs, rerun_group
+from layerdiff.trace import Record, Trace
 
 DEFAULT_ATOL = 1e-6
 DEFAULT_RTOL = 1e-4
@@ -39,7 +52,7 @@ class PairResult:
     passed: bool
     #: every aligned pair producing this pair's inputs passed (or they are model inputs)
     inputs_pass: bool = True
-    #: the candidate re-run on the reference's own inputs (set by the diagnosis)
+    #: the candidate re-run on the reference's own inputs (measured for failing pairs)
     local: Metrics | None = None
 
     @property
@@ -87,8 +100,39 @@ class PairResult:
 
 
 @dataclass
+class Entry:
+    """Where the error entered the first divergence."""
+
+    #: True: in the pair itself; False: between its passing inputs and it; None: cannot tell
+    #: (the pair could not be re-run alone and unaligned records lie on the way to it)
+    inside: bool | None
+    #: unaligned records on the path from the passing pairs feeding it, per side
+    ref: list[Record] = field(default_factory=list)
+    cand: list[Record] = field(default_factory=list)
+
+    def text(self) -> str:
+        path = self.path()
+        if self.inside:
+            return "error entered in the pair itself"
+        if self.inside is False:
+            return "error entered between its passing inputs and it" + (
+                f", through {path}" if path else "")
+        return (f"error entered in the pair itself or between its passing inputs and it, "
+                f"through {path} (the pair could not be re-run alone to tell)")
+
+    def path(self) -> str:
+        parts = []
+        for side, recs in (("candidate ops", self.cand), ("reference layers", self.ref)):
+            if recs:
+                names = ", ".join(r.name for r in recs[:6]) + (", ..." if len(recs) > 6 else "")
+                parts.append(f"{side}: {names}")
+        return "; ".join(parts)
+
+
+@dataclass
 class Report:
-    """The outcome of a comparison: truthy when every aligned pair passes."""
+    """The outcome of a comparison: truthy when every aligned pair passes and every weighted
+    reference layer is compared."""
 
     results: list[PairResult]
     alignment: Alignment
@@ -97,11 +141,15 @@ class Report:
     options: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     stopped_early: bool = False
-    #: diagnosis findings, most telling first (see layerdiff.diagnose)
+    #: diagnosis findings, most telling first (filled by the face, see layerdiff.api)
     findings: list[Any] = field(default_factory=list)
+    coverage: Coverage = field(default_factory=Coverage)
+    #: findings the diagnosis tried and rejected, one line each (shown under --explain)
+    ruled_out: list[Any] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.results) and all(r.passed for r in self.results)
+        return bool(self.results) and all(r.passed for r in self.results) and \
+            self.coverage.complete
 
     @property
     def failures(self) -> list[PairResult]:
@@ -109,15 +157,19 @@ class Report:
 
     @property
     def first_divergence(self) -> PairResult | None:
-        """The first pair, in reference order, that is wrong on its own.
+        """The first pair, in reference order, failing end to end while every aligned pair
+        feeding it passes."""
+        return next((r for r in self.results if not r.passed and r.inputs_pass), None)
 
-        With local errors (the candidate re-run on the reference's inputs) that is the first
-        pair failing locally; otherwise the first failing pair whose inputs still pass.
-        """
-        for r in self.results:
-            if r.local_passed is False or (r.local is None and not r.passed and r.inputs_pass):
-                return r
-        return None
+    @property
+    def entry(self) -> Entry | None:
+        """Where the error entered the first divergence (None without one)."""
+        fd = self.first_divergence
+        if fd is None:
+            return None
+        way = between(self.alignment, self.reference, self.candidate, fd.pair)
+        inside = fd.local_passed is False if fd.local is not None else (None if way else True)
+        return Entry(inside, way.ref, way.cand)
 
     @property
     def worst(self) -> PairResult | None:
@@ -136,8 +188,13 @@ class Report:
         if self:
             return f"PASS: {len(self.results)} aligned layers agree"
         fd = self.first_divergence
-        where = f"first divergence at {fd.pair.ref_name} <-> {fd.pair.cand_name}" if fd else ""
-        return f"FAIL: {len(self.failures)} of {len(self.results)} layers differ; {where}"
+        parts = [f"{len(self.failures)} of {len(self.results)} layers differ"]
+        if fd is not None:
+            parts.append(f"first divergence at {fd.pair.ref_name} <-> {fd.pair.cand_name} "
+                         f"({self.entry.text()})")
+        if not self.coverage.complete:
+            parts.append(self.coverage.failure())
+        return "FAIL: " + "; ".join(parts)
 
 
 def compare(
@@ -150,12 +207,11 @@ def compare(
     map: str | Path | MapFile | None = None,  # noqa: A002
     noise_floor: bool = True,
     fail_fast: bool = False,
-    diagnose: bool = True,
     ref_options: Any = None,
     cand_options: Any = None,
     progress: Callable[[str, int, int, str], None] | None = None,
 ) -> Report:
-    """Compare two models (or saved traces) layer by layer.
+    """Compare two models (or saved traces) layer by layer: the verdict, without diagnosis.
 
     ``reference``/``candidate``: a path (Caffe model dir or prototxt, torch model, trace
     ``.npz``), a :class:`Trace`, a :class:`CaffeNet` or a ``torch.nn.Module``. ``input``: specs
@@ -223,12 +279,21 @@ def compare(
     opts = {"atol": atol, "rtol": rtol,
             "noise_factor": NOISE_FACTOR if noise_of is not None else None,
             "input": input if isinstance(input, (str, list)) else "arrays"}
-    report = Report(results, alignment, ref_trace, cand_trace, opts, notes, stopped)
-    if diagnose:
-        from layerdiff.diagnose import diagnose as run_diagnosis
+    for res in results:
+        if not res.passed:  # a passing pair needs no local error: nothing entered there
+            res.local = local_error(res.pair, ref_trace)
+    cover = coverage(alignment, ref_trace, cand_trace)
+    notes.extend(cover.notes())
+    return Report(results, alignment, ref_trace, cand_trace, opts, notes, stopped,
+                  coverage=cover)
 
-        run_diagnosis(report)
-    return report
+
+def local_error(pair: Pair, ref: Trace) -> Metrics | None:
+    """The pair's candidate group re-run on the reference's own inputs, against the reference
+    (None when it cannot be re-run)."""
+    inputs = reference_inputs(ref, pair.ref)
+    out = None if inputs is None else rerun_group(pair.cand, inputs)
+    return None if out is None else measure(pair.ref_output, out)
 
 
 def _is_saved_trace(x: Any) -> bool:

@@ -133,7 +133,10 @@ def _summary(report: Report) -> str:
     fd, worst = report.first_divergence, report.worst
     items = []
     if fd is not None:
-        items.append(f"first divergence: {_pair_link(fd)} ({escape(describe(fd))})")
+        items.append(f"first divergence: {_pair_link(fd)} ({escape(report.entry.text())}; "
+                     f"{escape(describe(fd))})")
+    if not report.coverage.complete:
+        items.append(escape(report.coverage.failure()))
     if worst is not None and not worst.passed and worst is not fd:
         items.append(f"worst layer: {_pair_link(worst)} ({escape(describe(worst))})")
     methods = ", ".join(f"{k} {v}" for k, v in report.alignment.methods().items())

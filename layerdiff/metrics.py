@@ -60,12 +60,14 @@ def measure(ref: np.ndarray, cand: np.ndarray) -> Metrics:
     reshaped = rs != cs
     r = ref.astype(np.float64, copy=False).reshape(-1)
     c = cand.astype(np.float64, copy=False).reshape(-1)
-    rn, cn = np.isnan(r), np.isnan(c)
-    ri, ci = np.isinf(r), np.isinf(c)
-    nan_mis = int(np.count_nonzero(rn != cn))
-    inf_mis = int(np.count_nonzero((ri != ci) | (ri & ci & (np.sign(r) != np.sign(c)))))
-    ok = ~(rn | cn | ri | ci)
-    if not ok.all():
+    nan_mis = inf_mis = 0
+    ok = None  # all finite: the usual case, checked in one pass per side
+    if not (np.isfinite(r).all() and np.isfinite(c).all()):
+        rn, cn = np.isnan(r), np.isnan(c)
+        ri, ci = np.isinf(r), np.isinf(c)
+        nan_mis = int(np.count_nonzero(rn != cn))
+        inf_mis = int(np.count_nonzero((ri != ci) | (ri & ci & (np.sign(r) != np.sign(c)))))
+        ok = ~(rn | cn | ri | ci)
         r, c = r[ok], c[ok]
     ref_max = float(np.abs(r).max()) if r.size else 0.0
     if r.size == 0:
@@ -73,7 +75,7 @@ def measure(ref: np.ndarray, cand: np.ndarray) -> Metrics:
                        inf_mis, None, ref_max)
     d = np.abs(c - r)
     k = int(np.argmax(d))
-    worst_flat = int(np.flatnonzero(ok)[k]) if not ok.all() else k
+    worst_flat = int(np.flatnonzero(ok)[k]) if ok is not None else k
     max_abs = float(d[k])
     rel = d / (np.abs(r) + 1e-6 * ref_max + 1e-30)
     sq = float(np.dot(d, d))

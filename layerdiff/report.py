@@ -88,12 +88,16 @@ def summary_panel(report: Report) -> Panel:
     fd, worst = report.first_divergence, report.worst
     lines = []
     n, bad = len(report.results), len(report.failures)
-    verdict = "[bold green]PASS[/]" if report else "[bold red]DIVERGENCE[/]"
+    verdict = "[bold green]PASS[/]" if report else (
+        "[bold red]DIVERGENCE[/]" if bad else "[bold red]FAIL[/]")
     lines.append(f"{verdict}: {n - bad} of {n} aligned layers agree"
                  + (" (stopped at the first divergence)" if report.stopped_early else ""))
     if fd is not None:
-        lines.append(f"first divergence: [bold]{fd.pair.ref_name}[/] <-> "
-                     f"[bold]{fd.pair.cand_name}[/] ({describe(fd)})")
+        lines.append(f"first divergence: [bold]{escape(fd.pair.ref_name)}[/] <-> "
+                     f"[bold]{escape(fd.pair.cand_name)}[/] ({escape(report.entry.text())})")
+        lines.append(f"  {describe(fd)}")
+    if not report.coverage.complete:
+        lines.append(f"[bold red]{escape(report.coverage.failure())}[/]")
     if worst is not None and not worst.passed and worst is not fd:
         lines.append(f"worst layer: {worst.pair.ref_name} <-> {worst.pair.cand_name} "
                      f"({describe(worst)})")
@@ -131,6 +135,8 @@ def write_outputs(report: Report, csv: str | None = None, json_path: str | None 
     for p, _ in targets:
         if Path(p).exists() and not force:
             raise LayerdiffError(f"{p}: already exists; pass --force to overwrite it")
+    if not targets:
+        return []  # no table to build (pandas is slow to import)
     frame = report.to_frame()
     written = []
     for p, kind in targets:
@@ -141,6 +147,8 @@ def write_outputs(report: Report, csv: str | None = None, json_path: str | None 
             fd = report.first_divergence
             doc = {"passed": bool(report),
                    "first_divergence": fd.row() if fd else None,
+                   "error_entered": report.entry.text() if fd else None,
+                   "not_ported": [r.name for r in report.coverage.not_ported],
                    "findings": [f.to_dict() for f in report.findings],
                    "unaligned_reference": [r.name for r in report.alignment.unaligned_ref],
                    "unaligned_candidate": [r.name for r in report.alignment.unaligned_cand],
@@ -178,8 +186,8 @@ def explain(report: Report, layer: str) -> Panel:
         f"[bold]{escape(pair.ref_name)}[/] ({', '.join(r.kind for r in pair.ref)}) <-> "
         f"[bold]{escape(pair.cand_name)}[/] ({', '.join(c.kind for c in pair.cand)})",
         f"paired by: {pair.method}" + (f" ({escape(pair.note)})" if pair.note else ""),
-        f"verdict: {res.status}" + (" - the first divergence" if res is report.first_divergence
-                                    else ""),
+        f"verdict: {res.status}" + (f" - the first divergence ({escape(report.entry.text())})"
+                                    if res is report.first_divergence else ""),
         f"shapes: reference {list(m.ref_shape)}, candidate {list(m.cand_shape)}",
         f"propagated: {describe(res)}, mean abs {_f(m.mean_abs)}, max rel {_f(m.max_rel)}, "
         f"RMSE {_f(m.rmse)}, SNR {_f(m.snr_db, 4)} dB",
@@ -195,4 +203,8 @@ def explain(report: Report, layer: str) -> Panel:
     here = [f for f in report.findings
             if f.layer and (layer in f.layer or pair.ref_name in f.layer)]
     lines += [""] + [finding_text(f) for f in here] if here else ["", "no finding at this layer"]
+    gone = [f for f in report.ruled_out
+            if f.layer and (layer in f.layer or pair.ref_name in f.layer)]
+    lines += [f"ruled out: {escape(f.kind)} ({escape(f.probe)}): {escape(f.data['ruled_out'])}"
+              for f in gone]
     return Panel("\n".join(lines), title=f"explain {escape(layer)}")

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from layerdiff.comparator import Report, compare
+from layerdiff.api import compare
+from layerdiff.comparator import Report
 
 
 def assert_ports_agree(reference: Any, candidate: Any, input: Any = None,  # noqa: A002
@@ -42,7 +43,9 @@ def failure_message(report: Report, max_findings: int = 5) -> str:
     fd = report.first_divergence
     if fd is not None:
         lines.append(f"first divergence: {fd.pair.ref_name} <-> {fd.pair.cand_name} "
-                     f"(#{fd.position}: {describe(fd)})")
+                     f"(#{fd.position}, {report.entry.text()}: {describe(fd)})")
+    if not report.coverage.complete:
+        lines.append(report.coverage.failure())
     worst = report.worst
     if worst is not None and worst is not fd and not worst.passed:
         lines.append(f"worst layer: {worst.pair.ref_name} <-> {worst.pair.cand_name} "

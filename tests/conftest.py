@@ -71,3 +71,51 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
                                 f"'{HARDWARE_SKIP} ...' (see tests/conftest.py):", red=True)
     for nodeid, reason in _skips:
         terminalreporter.write_line(f"  {nodeid}: {reason}")
+
+
+class _ProbeErrors:
+    """Collects the diagnosis' "probe ... raised" log records (a probe that raises is never a
+    finding, only a debug log line, so tests must look for it here)."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.records: list = []
+        self.handler = logging.Handler(logging.DEBUG)
+        self.handler.emit = self.records.append
+        self.logger = logging.getLogger("layerdiff.diagnose")
+
+    def __enter__(self) -> _ProbeErrors:
+        import logging
+
+        self.level = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
+
+    def messages(self) -> list[str]:
+        return [f"{r.getMessage()}: {r.exc_info[1]!r}" if r.exc_info else r.getMessage()
+                for r in self.records if "raised" in r.getMessage()]
+
+
+@pytest.fixture
+def probe_errors():
+    """The probe errors logged during the test (a test that expects some asks for this)."""
+    with _ProbeErrors() as errors:
+        yield errors
+
+
+@pytest.fixture(autouse=True)
+def no_probe_error(request):
+    """Every test fails when a diagnosis probe raised during it (planted-bug ports included),
+    unless it asks for ``probe_errors`` itself."""
+    if "probe_errors" in request.fixturenames:
+        yield
+        return
+    with _ProbeErrors() as errors:
+        yield
+    assert not errors.messages(), f"a diagnosis probe raised: {errors.messages()}"

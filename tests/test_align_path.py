@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from layerdiff.align.mapfile import MapFile
 from layerdiff.align.path import between
-from layerdiff.comparator import compare
+from layerdiff.api import compare
 
 
 def _report(example_dir, mapfile=None):

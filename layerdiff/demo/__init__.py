@@ -166,10 +166,10 @@ def _run(root: Path, kept: bool, console: Console, t0: float) -> int:
 
 def _compare(ref: Path, cand: Path, spec: str):
     """``compare`` as the command runs it, with its progress bar (on stderr, transient)."""
-    from layerdiff.cli import _progress_bar
-    from layerdiff.comparator import compare
+    from layerdiff.api import compare
+    from layerdiff.progress import progress_bar
 
-    bar, progress = _progress_bar()
+    bar, progress = progress_bar(Console(stderr=True, highlight=False))
     with bar:
         return compare(str(ref), str(cand), spec, progress=progress)
 

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from layerdiff.metrics import Metrics, measure
+from layerdiff.metrics import Metrics
+from layerdiff.rerun import rerun_group
 from layerdiff.trace import Record, Trace
 
 if TYPE_CHECKING:
@@ -98,58 +99,5 @@ class LayerCase:
         record (e.g. a modified copy of its module). Returns the group's final output, or None
         when some record cannot be re-run.
         """
-        xs = list(self.ref_inputs if inputs is None else inputs)
-        out = None
-        for k, rec in enumerate(self.cand_records):
-            fn = (replace or {}).get(k)
-            try:
-                if fn is not None:
-                    out = _call(fn, xs, rec)
-                elif rec.handle is not None and hasattr(rec.handle, "run"):
-                    n = _arity(rec)
-                    out = rec.handle.run(*xs[:n])[0] if k == 0 else rec.handle.run(xs[0])[0]
-                else:
-                    return None
-            except Exception:  # noqa: BLE001 - a probe's counterfactual may not run: no finding
-                return None
-            xs = [np.asarray(out)]
-        return None if out is None else np.asarray(out)
-
-    def improvement(self, new_output: np.ndarray | None) -> tuple[float, float, float] | None:
-        """(error before, error after, fraction explained) of a re-run output vs the reference."""
-        if new_output is None:
-            return None
-        before = self.error
-        m = measure(self.ref_output, new_output)
-        if not m.shape_match:
-            return None
-        after = m.max_abs
-        if np.isnan(before):  # the layer had the wrong shape: a fix that restores it explains
-            return before, after, 1.0 if after <= self.tolerance else 0.0
-        frac = 1.0 - after / before if before > 0 else 0.0
-        return before, after, max(0.0, min(1.0, frac))
-
-
-def _arity(rec: Record) -> int:
-    tops = getattr(rec.handle, "input_tops", None)
-    if tops is not None:
-        return max(1, len(tops))
-    return max(1, len(rec.bottoms))
-
-
-def _call(fn: Any, xs: list[np.ndarray], rec: Record) -> np.ndarray:
-    """Call a replacement: a torch module gets torch tensors, anything else numpy arrays."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        torch = None
-    if torch is not None and isinstance(fn, torch.nn.Module):
-        param = next(iter(fn.parameters()), None)
-        if param is None:
-            param = next(iter(fn.buffers()), None)
-        dtype = param.dtype if param is not None else torch.float32
-        device = param.device if param is not None else "cpu"
-        with torch.no_grad():
-            out = fn(*[torch.as_tensor(np.asarray(x)).to(device, dtype) for x in xs])
-        return out.detach().float().cpu().numpy()
-    return np.asarray(fn(*xs))
+        return rerun_group(self.cand_records, self.ref_inputs if inputs is None else inputs,
+                           replace)

@@ -34,6 +34,7 @@ from layerdiff.diagnose.audit import (
 from layerdiff.diagnose.case import LayerCase
 from layerdiff.diagnose.finding import Finding
 from layerdiff.diagnose.probes import probe
+from layerdiff.diagnose.probes.counterfactual import Fixed, check_fix
 
 NAME = "weight_audit"
 #: more layers than this with one transform: one finding for all of them (a systematic loader
@@ -45,6 +46,11 @@ GROUP_AT = 3
 def weight_audit(report: Any) -> list[Finding] | None:
     ref, cand = report.reference, report.candidate
     layers = ref_layers_from_trace(ref)
+    if report:
+        # A passing port is audited only for what its input cannot show: the layers reading
+        # the model input (a BGR/RGB swap under a constant input).
+        first = {r.name for r in ref.records if r.bottoms and set(r.bottoms) <= set(ref.inputs)}
+        layers = [lay for lay in layers if lay.name in first]
     params, kinds = cand_from_trace(cand)
     if not layers or not params:
         return None  # not a Caffe reference with blobs, or a candidate without parameters
@@ -59,7 +65,8 @@ def weight_audit(report: Any) -> list[Finding] | None:
         names = list(dict.fromkeys(c.layer for c in checks))
         units = [names] if len(names) > GROUP_AT else [[n] for n in names]
         for unit in units:
-            f = _finding(report, status, [c for c in checks if c.layer in unit], by_name)
+            f = _finding(report, status, [c for c in checks if c.layer in unit], by_name,
+                         result.transforms)
             if f is not None:
                 out.append(f)
                 note_reported(report, f.kind, f.layer)
@@ -85,11 +92,13 @@ def case_for(report: Any, res: Any) -> LayerCase:
 
 
 def _finding(report: Any, status: str, checks: list[BlobCheck],
-             by_name: dict[str, RefLayer]) -> Finding | None:
+             by_name: dict[str, RefLayer], every: list[BlobCheck]) -> Finding | None:
     first = checks[0]
     layers = list(dict.fromkeys(c.layer for c in checks))
     res = _pair_of(report, first.layer)
     before = after = explained = None
+    label = False
+    others: list[str] = []
     where = first.layer
     if res is not None:
         case = case_for(report, res)
@@ -100,17 +109,23 @@ def _finding(report: Any, status: str, checks: list[BlobCheck],
             constant = any(n.startswith("constant input") for n in report.notes)
             if not (status == "bgr_rgb_first_conv" and constant):
                 return None
+            label = True  # proven from the weights; the input cannot test a fix
         else:
-            imp = _measure(case, [c for c in checks if c.layer == first.layer],
-                           by_name[first.layer])
+            # Every rearranged weight the audit found at this layer is set right in the re-run:
+            # two bugs in one layer are each only half the story.
+            group = {r.name for r in res.pair.ref}
+            here = [c for c in every if c.layer in group]
+            others = sorted({c.status for c in here} - {status})
+            imp = _measure(case, here, by_name)
             if imp is not None:
-                before, after, explained = imp
+                before, after, explained = imp.before, imp.after, imp.explained
     lay = by_name[first.layer]
     evidence = first.detail
     if len(layers) > 1:
         evidence += f"; the same at {len(layers) - 1} more layer(s): {_few(layers[1:])}"
     if before is not None:
-        evidence += (f"; with the fix the pair's error goes {before:.4g} -> {after:.4g} "
+        also = f" (and the {', '.join(others)} fix here)" if others else ""
+        evidence += (f"; with the fix{also} the pair's error goes {before:.4g} -> {after:.4g} "
                      f"(tolerance {res.tolerance:.3g})")
     elif res is not None and res.passed:
         evidence += "; no error shows on this input (a constant input hides a channel swap)"
@@ -121,42 +136,53 @@ def _finding(report: Any, status: str, checks: list[BlobCheck],
         cause += f" and {len(layers) - 1} more layer(s)"
     return Finding(status, where, cause, evidence, _fix(status, first, lay, len(layers) > 1),
                    explained, before, after, NAME,
-                   {"layers": layers, "tensors": [c.torch_name for c in checks]})
+                   {"layers": layers, "tensors": [c.torch_name for c in checks],
+                    **({"label": True} if label else {})})
 
 
-def _measure(case: LayerCase, checks: list[BlobCheck], lay: RefLayer
-             ) -> tuple[float, float, float] | None:
+def _measure(case: LayerCase, checks: list[BlobCheck],
+             by_name: dict[str, RefLayer]) -> Fixed | None:
     """Re-run the pair with the torch tensors set to what Caffe's blobs say they should be."""
-    module_path = checks[0].module
-    pos = next((k for k, c in enumerate(case.cand_records)
-                if c.name.split("#", 1)[0] == module_path), None)
-    mods = case.cand_modules()
-    if pos is None or mods[pos] is None:
-        return None
     import torch
 
-    fixed = copy.deepcopy(mods[pos])
-    roles = ROLES.get(lay.type) or ()
-    with torch.no_grad():
-        for c in checks:
-            for k in _blobs_to_fix(c, lay):
-                leaf = roles[k] if k < len(roles) else None
-                if leaf is None or not hasattr(fixed, leaf):  # not named weight/bias/...
-                    leaf = (c.torch_name or "").rsplit(".", 1)[-1]
-                value = np.asarray(forms(lay, k)[0].fn(np.asarray(lay.blobs[k])))
-                cur = getattr(fixed, leaf, None)
-                if isinstance(cur, torch.Tensor):
-                    if cur.numel() != value.size:
-                        return None
-                    cur.copy_(torch.from_numpy(np.array(value)).reshape(cur.shape))
-                elif leaf == "bias" and hasattr(fixed, "bias"):
-                    ref = next(iter(fixed.parameters()))
-                    fixed.bias = torch.nn.Parameter(
-                        torch.from_numpy(np.array(value)).to(ref.device, ref.dtype))
-                else:
+    mods = case.cand_modules()
+    replace: dict[int, Any] = {}
+    for module_path in dict.fromkeys(c.module for c in checks):
+        pos = next((k for k, c in enumerate(case.cand_records)
+                    if c.name.split("#", 1)[0] == module_path), None)
+        if pos is None or mods[pos] is None:
+            return None
+        fixed = copy.deepcopy(mods[pos])
+        with torch.no_grad():
+            for c in (c for c in checks if c.module == module_path):
+                if not _set_blobs(fixed, c, by_name[c.layer]):
                     return None
-    fn = module_fn(fixed, captured_training(case.cand_trace, module_path or ""))
-    return case.improvement(case.rerun(replace={pos: fn}))
+        replace[pos] = module_fn(fixed, captured_training(case.cand_trace, module_path or ""))
+    return check_fix(case, case.rerun(replace=replace))
+
+
+def _set_blobs(fixed: Any, c: BlobCheck, lay: RefLayer) -> bool:
+    """Set ``fixed``'s tensors of check ``c`` to Caffe's values; False when they do not fit."""
+    import torch
+
+    roles = ROLES.get(lay.type) or ()
+    for k in _blobs_to_fix(c, lay):
+        leaf = roles[k] if k < len(roles) else None
+        if leaf is None or not hasattr(fixed, leaf):  # not named weight/bias/...
+            leaf = (c.torch_name or "").rsplit(".", 1)[-1]
+        value = np.asarray(forms(lay, k)[0].fn(np.asarray(lay.blobs[k])))
+        cur = getattr(fixed, leaf, None)
+        if isinstance(cur, torch.Tensor):
+            if cur.numel() != value.size:
+                return False
+            cur.copy_(torch.from_numpy(np.array(value)).reshape(cur.shape))
+        elif leaf == "bias" and hasattr(fixed, "bias"):
+            ref = next(iter(fixed.parameters()))
+            fixed.bias = torch.nn.Parameter(
+                torch.from_numpy(np.array(value)).to(ref.device, ref.dtype))
+        else:
+            return False
+    return True
 
 
 def _blobs_to_fix(c: BlobCheck, lay: RefLayer) -> list[int]:

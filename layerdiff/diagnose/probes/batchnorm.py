@@ -23,10 +23,10 @@ import numpy as np
 from layerdiff.diagnose.case import LayerCase
 from layerdiff.diagnose.finding import Finding
 from layerdiff.diagnose.probes import probe
+from layerdiff.diagnose.probes.counterfactual import Fixed, check_fix
 from layerdiff.metrics import measure
 
 #: a fix must remove at least this fraction of the layer's error
-MIN_EXPLAINED = 0.9
 #: parameters this close count as equal (float32 storage, float64 vs float32 division)
 PARAM_RTOL = 1e-4
 
@@ -179,18 +179,6 @@ def output_error(ref: np.ndarray, out: np.ndarray | None) -> float | None:
     if m.nan_mismatch or m.inf_mismatch:
         return math.inf
     return m.max_abs
-
-
-def confirm(case: LayerCase, before: float, out: np.ndarray | None
-            ) -> tuple[float, float, float] | None:
-    """(before, after, explained) when ``out`` removes (almost) all of the error, else None."""
-    after = output_error(case.ref_output, out)
-    if after is None or not math.isfinite(after) or before <= 0:
-        return None
-    frac = 1.0 if math.isinf(before) else max(0.0, 1.0 - after / before)
-    if frac < MIN_EXPLAINED or after > case.tolerance:
-        return None
-    return before, after, frac
 
 
 def _module_params(case: LayerCase, pos: int, m: Any) -> BNParams:
@@ -352,8 +340,8 @@ def _run(site: BNSite, p: BNParams) -> np.ndarray | None:
 
 
 def _finding(site: BNSite, kind: str, cause: str, evidence: str, fix: str,
-             res: tuple[float, float, float], probe_name: str, **data: Any) -> Finding:
-    before, after, frac = res
+             res: Fixed, probe_name: str, **data: Any) -> Finding:
+    before, after, frac = res.before, res.after, res.explained
     evidence += f"; re-run with the fix: max error {before:.4g} -> {after:.3g}"
     return Finding(kind, site.case.name, cause, evidence, fix, frac, before, after, probe_name,
                    data)
@@ -538,7 +526,7 @@ def _single(case: LayerCase, component: str, name: str) -> Finding | None:
     fixed = _differences(site).get(component)
     if fixed is None:
         return None
-    res = confirm(case, site.before, _run(site, fixed))
+    res = check_fix(case, before=site.before, out=_run(site, fixed))
     if res is None:
         return None
     kind, cause, evidence, fix = _story(site, component)
@@ -580,10 +568,10 @@ def bn_params(case: LayerCase) -> Finding | None:
     if len(diffs) < 2:
         return None
     for fixed in diffs.values():
-        if confirm(case, site.before, _run(site, fixed)) is not None:
+        if check_fix(case, before=site.before, out=_run(site, fixed)) is not None:
             return None  # one component explains it: that probe reports it
     allfix = _with(site.cand, site.caffe, list(diffs))
-    res = confirm(case, site.before, _run(site, allfix))
+    res = check_fix(case, before=site.before, out=_run(site, allfix))
     if res is None:
         return None
     stories = [_story(site, c) for c in diffs]
@@ -601,7 +589,7 @@ def bn_global_stats(case: LayerCase) -> Finding | None:
     if site is None or site.bn.use_global:
         return None
     fixed = replace(site.cand, batch_stats=True)
-    res = confirm(case, site.before, _run(site, fixed))
+    res = check_fix(case, before=site.before, out=_run(site, fixed))
     if res is None:
         return None
     x = np.asarray(case.ref_inputs[0], np.float64)
@@ -661,7 +649,7 @@ def _scale_only(case: LayerCase) -> Finding | None:
         return None  # not a plain x * weight + bias
     gamma, beta = _scale_params(scale, c)
     has_bias = len(scale.blobs) > 1
-    res = confirm(case, before, case.rerun(
+    res = check_fix(case, before=before, out=case.rerun(
         replace={pos: affine_module(gamma, beta if has_bias or hb is not None else None, like)}))
     if res is None:
         return None
@@ -669,7 +657,7 @@ def _scale_only(case: LayerCase) -> Finding | None:
     path = rec.attrs.get("module") or rec.name
     kind, cause, evidence, fix = _affine_story(path, module_ref(path), scale, gamma, beta, hg,
                                                hb)
-    before, after, frac = res
+    before, after, frac = res.before, res.after, res.explained
     return Finding(kind, case.name, cause,
                    evidence + f"; re-run with the fix: max error {before:.4g} -> {after:.3g}",
                    fix, frac, before, after, "bn_affine", {"component": "affine"})

@@ -33,10 +33,9 @@ from layerdiff.diagnose.audit import (
 from layerdiff.diagnose.case import LayerCase
 from layerdiff.diagnose.finding import Finding
 from layerdiff.diagnose.probes import probe
-from layerdiff.diagnose.probes.precision import precision_slack
+from layerdiff.diagnose.probes.counterfactual import Fixed, check_fix
 
 #: a fix must remove at least this fraction of the error
-EXPLAINS = 0.9
 
 
 @dataclass
@@ -65,15 +64,10 @@ class Site:
     def copy(self) -> Any:
         return copy.deepcopy(self.module)
 
-    def run(self, fixed: Any) -> tuple[float, float, float] | None:
+    def run(self, fixed: Any) -> Fixed | None:
+        """The pair re-run with ``fixed`` in place of the module, if it removes the error."""
         fn = module_fn(fixed, captured_training(self.case.cand_trace, self.path), 1)
-        return self.case.improvement(self.case.rerun(replace={self.pos: fn}))
-
-    def accepts(self, imp: tuple[float, float, float] | None) -> bool:
-        if imp is None:
-            return False
-        _, after, frac = imp
-        return frac >= EXPLAINS and after <= self.case.tolerance + precision_slack(self.case)
+        return check_fix(self.case, self.case.rerun(replace={self.pos: fn}))
 
     def ref_inputs_ok(self) -> bool:
         return bool(self.case.ref_inputs) and np.ndim(self.case.ref_inputs[0]) == 4
@@ -97,12 +91,11 @@ def _site(case: LayerCase, ref_types: set[str], torch_types: tuple[str, ...]) ->
 
 
 def _finding(site: Site, kind: str, cause: str, ev: str, fix: str,
-             imp: tuple[float, float, float], probe_name: str) -> Finding | None:
+             imp: Fixed, probe_name: str) -> Finding | None:
     if reported(site.case.report, kind, site.case.name):
         return None  # the weight audit said it already, with the same re-run
-    before, after, frac = imp
-    ev += f"; re-run with the fix: max error {before:.4g} -> {after:.4g} (tolerance " \
-          f"{site.case.tolerance:.3g})"
+    before, after, frac = imp.before, imp.after, imp.explained
+    ev += f"; re-run with the fix: {imp.numbers()} (tolerance {site.case.tolerance:.3g})"
     return Finding(kind, site.case.name, cause, ev, fix, frac, before, after, probe_name,
                    {"module": site.path, "caffe_layer": site.rec.name})
 
@@ -150,7 +143,7 @@ def conv_weight_layout(case: LayerCase) -> Finding | None:
         with torch.no_grad():
             fixed.weight.copy_(new)
         imp = site.run(fixed)
-        if not site.accepts(imp):
+        if imp is None:
             continue
         return _finding(site, kind, f"{TRANSFORMS[kind]}: torch {site.path or '(root)'} vs "
                         f"Caffe {site.rec.name}", _layout_evidence(site, kind, w), f"m = "
@@ -210,7 +203,7 @@ def conv_groups(case: LayerCase) -> Finding | None:
                 else torch.from_numpy(np.array(blobs[1]))
             new.bias.copy_(b)
     imp = site.run(new)
-    if not site.accepts(imp):
+    if imp is None:
         return None
     tw = mod.weight.detach().float().cpu().numpy()
     ev = (f"Caffe {site.rec.name} has group = {g} (weight {list(w.shape)}); torch "
@@ -256,7 +249,7 @@ def missing_bias(case: LayerCase) -> Finding | None:
     with torch.no_grad():
         fixed.bias = torch.nn.Parameter(torch.from_numpy(np.array(b)).to(like.device, like.dtype))
     imp = site.run(fixed)
-    if not site.accepts(imp):
+    if imp is None:
         return None
     k = int(np.argmax(np.abs(b)))
     what = "has no bias (bias=None)" if have is None else "has an all-zero bias"

@@ -2,7 +2,8 @@
 
 A probe builds a candidate fix (a modified copy of a torch module, or the same functional call
 with other arguments), re-runs the pair with it (``LayerCase.rerun``) and keeps the fix only
-when it removes (almost) all the error: ``check_fix``.
+when it removes (almost) all the error: ``check_fix``, the one acceptance rule every probe
+uses (``diagnose.accepted`` applies the same rule again to every finding).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from layerdiff.diagnose.case import LayerCase
 from layerdiff.diagnose.finding import Finding
+from layerdiff.diagnose.probes.precision import precision_slack
 from layerdiff.metrics import measure
 
 MIN_EXPLAINED = 0.9
@@ -36,23 +38,37 @@ class Fixed:
         return f"{was} -> {self.after:.3g}"
 
 
-def check_fix(case: LayerCase, out: np.ndarray | None,
+def fix_tolerance(case: LayerCase) -> float:
+    """What a fixed re-run must reach: the pair's tolerance, plus the rounding a
+    reduced-precision candidate keeps whatever is fixed (0 in float32/float64)."""
+    return case.tolerance + precision_slack(case)
+
+
+def check_fix(case: LayerCase, out: np.ndarray | None, *, before: float | None = None,
               min_explained: float = MIN_EXPLAINED) -> Fixed | None:
-    """``out`` (the group re-run with a fix) matches the reference within the pair's tolerance
-    and removes at least ``min_explained`` of the layer's own error; else None."""
+    """The one acceptance rule of a counterfactual: ``out`` (the group re-run with a fix)
+    matches the reference within :func:`fix_tolerance` and removes at least ``min_explained``
+    of the error; else None.
+
+    The error is ``before`` when the probe measured its own baseline (e.g. a re-run with the
+    module as captured), else the layer's local error (propagated when there is none). There
+    must be an error to remove: a pair that is right on its own gets no fix.
+    """
     if out is None:
         return None
+    tol = fix_tolerance(case)
     m = measure(case.ref_output, out)
-    if not m.shape_match or m.nan_mismatch or m.inf_mismatch or \
-            not m.max_abs <= case.tolerance:
+    if not m.shape_match or m.nan_mismatch or m.inf_mismatch or not m.max_abs <= tol:
         return None
-    before = case.local_metrics or case.result.metrics
-    if not before.shape_match:
-        return Fixed(None, m.max_abs, 1.0)
-    if not before.max_abs > 0 or math.isnan(before.max_abs):
+    if before is None:
+        base = case.local_metrics or case.result.metrics
+        if not base.shape_match:
+            return Fixed(None, m.max_abs, 1.0)
+        before = math.inf if base.nan_mismatch or base.inf_mismatch else base.max_abs
+    if math.isnan(before) or not before > tol:
         return None
-    frac = max(0.0, 1.0 - m.max_abs / before.max_abs)
-    return Fixed(before.max_abs, m.max_abs, frac) if frac >= min_explained else None
+    frac = 1.0 if math.isinf(before) else max(0.0, 1.0 - m.max_abs / before)
+    return Fixed(before, m.max_abs, frac) if frac >= min_explained else None
 
 
 def already_reported(case: LayerCase, kind: str) -> bool:

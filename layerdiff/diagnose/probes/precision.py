@@ -21,6 +21,7 @@ from layerdiff.diagnose.audit import captured_training, module_fn
 from layerdiff.diagnose.case import LayerCase
 from layerdiff.diagnose.finding import Finding
 from layerdiff.diagnose.probes import probe
+from layerdiff.metrics import measure
 
 #: machine epsilon (spacing at 1) of each reduced format
 EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "tf32": 2.0 ** -10}
@@ -215,10 +216,10 @@ def reduced_precision(case: LayerCase) -> Finding | None:
                        f"is within {FLOOR_EPS:g} eps of the format", head + "; the layer "
                        "could not be re-run in float32 to confirm", _fix(fmt, rel), None,
                        before, None, "reduced_precision", {"format": fmt, "rel": rel})
-    imp = case.improvement(out)
-    if imp is None:
+    m = measure(case.ref_output, out)
+    if not m.shape_match:
         return None
-    b, after, _ = imp
+    b, after = before, m.max_abs
     # What remains in float32 is the parameters' own rounding to the format (a float16 model's
     # weights were rounded when it was cast): allowed up to STORAGE_K times its measured size.
     storage = storage_rounding(case, fmt, np.asarray(out, np.float64)) if after > \

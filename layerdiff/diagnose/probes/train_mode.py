@@ -22,12 +22,12 @@ from layerdiff.diagnose.probes.batchnorm import (
     captured_copy,
     captured_fn,
     captured_training,
-    confirm,
     first_tensor,
     module_ref,
     output_error,
     torch_fn,
 )
+from layerdiff.diagnose.probes.counterfactual import check_fix
 
 #: how many mode-dependent layers the model-wide probe re-runs in train mode for its evidence
 MAX_EXAMPLES = 3
@@ -99,10 +99,10 @@ def train_mode_layer(case: LayerCase) -> Finding | None:
     stats_from = _caffe_stats(case, fixed) if kind == "batchnorm" else None
     like = first_tensor(fixed)
     out = case.rerun(replace={pos: fixed if like is None else torch_fn(fixed, like)})
-    res = confirm(case, before, out)
+    res = check_fix(case, out, before=before)
     if res is None:
         return None
-    before, after, frac = res
+    before, after, frac = res.before, res.after, res.explained
     ref = module_ref(path)
     if kind == "batchnorm":
         bm, bv, n = _channel_stats(case.ref_inputs[0], unbiased=False)
