@@ -1100,6 +1100,16 @@ def _script_to_graph(model: nn.Module, inputs: list[torch.Tensor]) -> nn.Module 
 # public entry point
 
 
+def set_tf32(enabled: bool) -> None:
+    """TF32 for float32 convolutions (cuDNN) and matrix products on CUDA, both on or off.
+
+    Process-wide, as torch's own flags are: the capture records them in ``trace.meta``
+    (``allow_tf32_cudnn``/``allow_tf32_matmul``) and every later re-run of a layer sees the same.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def _resolve_device(device: str | torch.device) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
