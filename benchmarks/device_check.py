@@ -115,8 +115,10 @@ def per_layer_error(pairs: list[dict]) -> dict[str, Any]:
             "failing": sum(1 for p in pairs if p.get("passed") is False)}
 
 
-def check(port: str, v: dict[str, Any], order: list[str]) -> tuple[bool, str]:
-    """Did the compare say what it must? (ok, why not). ``order``: the pairs, in net order."""
+def check(port: str, v: dict[str, Any], order: list[str],
+          bug_layer: str = BUG_LAYER) -> tuple[bool, str]:
+    """Did the compare say what it must? (ok, why not). ``order``: the pairs, in net order;
+    ``bug_layer``: where the buggy port's ``bn_scale_factor`` must be found."""
     pos = {layer: i for i, layer in enumerate(order)}
     if port == "fixed":
         if v["bugs"]:
@@ -124,17 +126,17 @@ def check(port: str, v: dict[str, Any], order: list[str]) -> tuple[bool, str]:
         if v["label"].startswith("divergence"):
             return False, "fails without a precision label"
         return True, ""
-    ours = [f for f in v["bugs"] if f["kind"] == BUG_KIND and f["layer"] == BUG_LAYER]
+    ours = [f for f in v["bugs"] if f["kind"] == BUG_KIND and f["layer"] == bug_layer]
     if not ours:
-        return False, f"no {BUG_KIND} at {BUG_LAYER} ({v['label']})"
+        return False, f"no {BUG_KIND} at {bug_layer} ({v['label']})"
     if (ours[0].get("explained") or 0) < 0.99:
         return False, f"{BUG_KIND} explains only {ours[0]['explained']:.1%}"
-    at = pos.get(BUG_LAYER, -1)
+    at = pos.get(bug_layer, -1)
     before = [f for f in v["bugs"] if pos.get(f["layer"], at) < at]
     if before:
         return False, f"a cause before the BN bug: {before[0]['kind']} at {before[0]['layer']}"
     labelled = {f["layer"] for f in v["precision"]}
-    if v["first_divergence"] != BUG_LAYER and v["first_divergence"] not in labelled:
+    if v["first_divergence"] != bug_layer and v["first_divergence"] not in labelled:
         return False, f"first divergence {v['first_divergence']}: neither the bug nor precision"
     return True, ""
 
