@@ -30,7 +30,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,9 @@ PORTS = ("buggy", "fixed")
 PRECISION_KINDS = {"precision", "precision_range"}
 BUG_KIND = "bn_scale_factor"
 BUG_LAYER = "bn_conv1+scale_conv1 <-> bn1"  # layerdiff.demo.EXPECTED_FIRST
+
+
+_LOG_LOCK = threading.Lock()
 
 
 class Budget:
@@ -70,7 +75,7 @@ def _child(cmd: list[str], budget: Budget, cap: float, log: Path) -> tuple[int |
     except subprocess.TimeoutExpired as e:
         text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         text, rc = text + f"\ntimed out after {limit:.0f}s", None
-    with log.open("a") as f:
+    with _LOG_LOCK, log.open("a") as f:
         f.write(f"$ {' '.join(cmd)}\n{text}\n")
     return rc, text
 
@@ -183,41 +188,44 @@ def float64_reference(sc: Any, args: argparse.Namespace, budget: Budget, work: P
     return ref64 if rc == 0 and ref64.is_file() else None
 
 
+def _one_compare(name: str, port: str, sc: Any, ref64: Path | None, args: argparse.Namespace,
+                 budget: Budget, out: Path, log: Path) -> dict[str, Any]:
+    dtype, tf32 = PRECISIONS[name]
+    path = {"buggy": sc.port, "fixed": sc.fixed}[port]
+    js = out / f"compare-{name}-{port}.json"
+    cmd = [sys.executable, "-m", "layerdiff", "compare", str(sc.caffe), str(path), "--input",
+           INPUT, "--shape", f"{args.batch},3,224,224", "--cand-dtype", dtype, "--device",
+           args.device, "--tf32", tf32, "--json", str(js), "--force", "--summary-only"]
+    t0 = time.perf_counter()
+    rc, text = _child(cmd, budget, args.compare_cap_s, log)
+    row: dict[str, Any] = {"precision": name, "port": port, "dtype": dtype, "tf32": tf32,
+                           "rc": rc, "seconds": time.perf_counter() - t0}
+    if rc in (0, 1) and js.is_file():
+        d = json.loads(js.read_text())
+        js.unlink()  # the summary is in children.log; keep $OUT small
+        v = verdict(d)
+        ok, why = check(port, v, pair_order(d))
+        row.update(verdict=v["label"], first_divergence=v["first_divergence"], ok=ok, why=why,
+                   findings=[{k: f.get(k) for k in ("kind", "layer", "explained",
+                                                     "error_before", "error_after")}
+                             for f in d["findings"]])
+        row["error_vs_float64"] = _error_vs_float64(path, ref64, row, args, budget, log)
+    else:
+        row.update(verdict="error", ok=False,
+                   why=(text.strip().splitlines() or ["no output"])[-1][:300])
+    print(f"  {name:10} {port:6} {row['verdict']}  ({row['seconds']:.0f}s)"
+          + ("" if row["ok"] else f"  CHECK FAILED: {row['why']}"), flush=True)
+    return row
+
+
 def run_compares(sc: Any, args: argparse.Namespace, budget: Budget, out: Path, work: Path,
                  log: Path) -> list[dict[str, Any]]:
-    rows = []
+    """Every precision x port, ``args.jobs`` at a time (the GPU machine has cores to spare)."""
     ref64 = float64_reference(sc, args, budget, work, log)
-    ports = {"buggy": sc.port, "fixed": sc.fixed}
-    for name in args.precisions:
-        dtype, tf32 = PRECISIONS[name]
-        for port in args.ports:
-            js = out / f"compare-{name}-{port}.json"
-            cmd = [sys.executable, "-m", "layerdiff", "compare", str(sc.caffe), str(ports[port]),
-                   "--input", INPUT, "--shape", f"{args.batch},3,224,224", "--cand-dtype",
-                   dtype, "--device", args.device, "--tf32", tf32, "--json", str(js), "--force",
-                   "--summary-only"]
-            t0 = time.perf_counter()
-            rc, text = _child(cmd, budget, args.compare_cap_s, log)
-            row: dict[str, Any] = {"precision": name, "port": port, "dtype": dtype,
-                                   "tf32": tf32, "rc": rc, "seconds": time.perf_counter() - t0}
-            if rc in (0, 1) and js.is_file():
-                d = json.loads(js.read_text())
-                v = verdict(d)
-                ok, why = check(port, v, pair_order(d))
-                row.update(verdict=v["label"], first_divergence=v["first_divergence"],
-                           error=_error_vs_float64(ports[port], ref64, row, args, budget, log),
-                           ok=ok, why=why,
-                           findings=[{k: f.get(k) for k in ("kind", "layer", "explained",
-                                                             "error_before", "error_after")}
-                                     for f in d["findings"]])
-                js.unlink()  # the per-layer detail is in the log's summary; keep $OUT small
-            else:
-                row.update(verdict="error", ok=False,
-                           why=(text.strip().splitlines() or ["no output"])[-1][:300])
-            print(f"  {name:10} {port:6} {row['verdict']}  ({row['seconds']:.0f}s)"
-                  + ("" if row["ok"] else f"  CHECK FAILED: {row['why']}"), flush=True)
-            rows.append(row)
-    return rows
+    jobs = [(name, port) for name in args.precisions for port in args.ports]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        return list(pool.map(lambda j: _one_compare(*j, sc, ref64, args, budget, out, log),
+                             jobs))
 
 
 # -- 3. capture overhead ------------------------------------------------------------------------
@@ -300,7 +308,7 @@ def markdown(res: dict[str, Any]) -> str:
              "| precision | port | verdict | first divergence | per-layer error vs float64 "
              "(median / max rel) | check |", "| --- | --- | --- | --- | --- | --- |"]
     for r in res["compares"]:
-        e = r.get("error") or {}
+        e = r.get("error_vs_float64") or {}
         err = (f"{e['median_rel']:.2g} / {e['max_rel']:.2g} ({e['worst_layer']})"
                if e.get("layers") else "-")
         lines.append(f"| {r['precision']} | {r['port']} | {r['verdict']} | "
@@ -350,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma list of {', '.join(PRECISIONS)}")
     ap.add_argument("--ports", default=",".join(PORTS), help="comma list of buggy, fixed")
     ap.add_argument("--batch", type=int, default=1, help="compare batch")
+    ap.add_argument("--jobs", type=int, default=0,
+                    help="compares at a time (default: 2 on cuda, 1 on cpu)")
     ap.add_argument("--bench-batches", default="8,32", help="comma list; empty: no benchmark")
     ap.add_argument("--bench-rounds", type=int, default=11)
     ap.add_argument("--memory-batch", type=int, default=64, help="0: no memory measurement")
@@ -377,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown precision/port {', '.join(bad)}", file=sys.stderr)
         return 2
     args.bench_batches = [int(b) for b in args.bench_batches.split(",") if b]
+    args.jobs = args.jobs or (2 if args.device == "cuda" else 1)
 
     import torch
 
