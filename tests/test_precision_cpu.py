@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from layerdiff.adapters.torch import capture_torch
 from ports import GraphPort, planted_port
 
 import layerdiff
@@ -166,3 +167,21 @@ def test_tf32_option_is_recorded_in_the_trace(tmp_path, capsys):
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
     capsys.readouterr()
+
+
+def test_tf32_meta_under_torchs_newer_precision_setting():
+    """With ``torch.backends.fp32_precision`` set, torch refuses to read the older allow_tf32
+    flags; the capture still records what runs."""
+    if not hasattr(torch.backends, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no fp32_precision setting")
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.ReLU())
+    x = torch.zeros(1, 2, 5, 5).numpy()
+    mm, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    old = (torch.backends.fp32_precision, mm.fp32_precision, conv.fp32_precision)
+    torch.backends.fp32_precision = mm.fp32_precision = "tf32"
+    conv.fp32_precision = "ieee"
+    try:
+        meta = capture_torch(model, x).meta
+    finally:
+        torch.backends.fp32_precision, mm.fp32_precision, conv.fp32_precision = old
+    assert meta["allow_tf32_matmul"] is True and meta["allow_tf32_cudnn"] is False
