@@ -70,7 +70,10 @@ def _child(cmd: list[str], budget: Budget, cap: float, log: Path) -> tuple[int |
     if limit < 5:
         return None, "skipped: time budget spent"
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, cwd=ROOT)
+        # Not from the checkout: there `-m layerdiff` would find the bare source folder before
+        # an installed or staged layerdiff (which has layerdiff.adapters).
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=limit,
+                           cwd=tempfile.gettempdir())
         text, rc = p.stdout + p.stderr, p.returncode
     except subprocess.TimeoutExpired as e:
         text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")

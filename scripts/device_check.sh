@@ -9,17 +9,22 @@
 # Python: $PYTHON, else .venv/bin/python, else python3 (the GPU image's, which holds torch).
 # When layerdiff is not importable there, it is staged from this checkout into a temp dir
 # (no network, no build): wheels in .whl/ first (e.g. a newer protobuf, see docs/gpu.md).
+# DEVICE_CHECK_STAGE=1 stages it even when it imports (to rehearse the GPU image's path).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+REPO=$PWD
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
-  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+  if [ -x .venv/bin/python ]; then PY=$REPO/.venv/bin/python; else PY=python3; fi
 fi
 OUT=${OUT:-$(mktemp -d -t device-check-XXXXXX)}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 export OUT PYTHONUNBUFFERED=1
-
-if ! "$PY" -c "import layerdiff.adapters.torch, layerdiff.caffe.caffe_pb2" 2>/dev/null; then
+# Imports are tried outside the checkout: there `import layerdiff` would find the bare source
+# folder, which lacks layerdiff.adapters (setuptools maps adapters/ there at install).
+CHECK="import layerdiff.adapters.torch, layerdiff.caffe.caffe_pb2"
+if [ -n "${DEVICE_CHECK_STAGE:-}" ] || ! (cd /tmp && "$PY" -c "$CHECK" 2>/dev/null); then
   SITE=$(mktemp -d -t layerdiff-site-XXXXXX)
   if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
@@ -28,17 +33,19 @@ if ! "$PY" -c "import layerdiff.adapters.torch, layerdiff.caffe.caffe_pb2" 2>/de
   cp -r layerdiff "$SITE/layerdiff"
   cp -r adapters "$SITE/layerdiff/adapters"  # installed as layerdiff.adapters (pyproject.toml)
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-  if ! "$PY" -c "import layerdiff.adapters.torch, layerdiff.caffe.caffe_pb2"; then
+  if ! (cd /tmp && "$PY" -c "$CHECK"); then
     "$PY" -c "import google.protobuf as p; print('protobuf', p.__version__)" || true
     echo "error: layerdiff does not import with $PY (caffe_pb2 needs protobuf >= 7.35.1:" \
       "carry the wheel in .whl/, see docs/gpu.md)" >&2
     exit 2
   fi
 fi
-"$PY" -c "import torch, numpy; print('python', __import__('sys').version.split()[0], 'torch',
-torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(),
-'numpy', numpy.__version__)"
+(cd /tmp && "$PY" -c "import sys, torch, numpy, layerdiff
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
+      'available', torch.cuda.is_available(), 'numpy', numpy.__version__, 'layerdiff from',
+      layerdiff.__file__)")
 set -o pipefail
 # 570 s: inside the device machine's 10-minute limit per command, whatever --budget-s says
 # (DEVICE_CHECK_LIMIT_S overrides it for a slow rehearsal on a small CPU machine).
-timeout "${DEVICE_CHECK_LIMIT_S:-570}" "$PY" benchmarks/device_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"
+timeout "${DEVICE_CHECK_LIMIT_S:-570}" "$PY" benchmarks/device_check.py --out "$OUT" "$@" 2>&1 \
+  | tee "$OUT/log.txt"
