@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"ResNet-50 {args.batch}x3x{args.size}x{args.size} float32 {where}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved "
-          f"rounds, {len(first)} records, {first.meta['lazy_clones']} lazy clones (fx)")
+          f"rounds, {len(first)} records, {first.meta['lazy_clones']} lazy clones (fx), "
+          f"{sum(a.nbytes for r in first for a in r.outputs) / 2 ** 20:.0f} MiB of outputs")
+    out_bytes = sum(a.nbytes for r in first for a in r.outputs)
     del first
     times = _measure(runs, args.rounds)
     tuned = all(os.environ.get(k) == v for k, v in _TUNED_ENV.items())
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({
             "device": where, "batch": args.batch, "size": args.size, "rounds": args.rounds,
             "torch": torch.__version__, "malloc_tuned": tuned, "first_fx_ms": cold * 1e3,
+            "output_bytes": out_bytes,
             "runs": _summary(times)}, indent=1))
     if not args.no_tuned and not tuned:
         sys.stdout.flush()

@@ -37,7 +37,7 @@ def _results() -> dict:
              "why": "timed out after 150s"},
         ],
         "bench": [{"batch": 8, "plain_ms": 10.0, "capture_ms": 12.0, "ratio": 1.2,
-                   "paired": 1.19, "target_met": True},
+                   "paired": 1.19, "target_met": True, "output_gib": 1.0},
                   {"batch": 32, "error": "out of memory"}],
         "memory": [{"batch": 64, "stream": False, "records": 175, "device_peak_bytes": 2 ** 33,
                     "host_max_rss_bytes": 2 ** 34, "bytes_kept": 2 ** 33,
@@ -51,7 +51,7 @@ def test_results_table():
     assert ("| fp32-tf32 | fixed | precision (tf32), not a bug | conv1 <-> conv1 | "
             "0.004 / 0.22 (res5c) | ok |") in md
     assert "| bf16 | buggy | error | - | - | FAILED: timed out after 150s |" in md
-    assert "| 8 | 10.0 | 12.0 | 1.20x | 1.19x | yes |" in md
+    assert "| 8 | 10.0 | 12.0 | 1.20x | 1.19x | yes | 1.00 GiB |" in md
     assert "| 32 | error: out of memory |" in md
     assert "| in memory | 64 | 8.00 GiB | 16.00 GiB | 8.00 GiB | no |" in md
     assert md.rstrip().endswith("all checks held: NO; wall time 312s")
