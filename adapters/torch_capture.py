@@ -1100,6 +1100,29 @@ def _script_to_graph(model: nn.Module, inputs: list[torch.Tensor]) -> nn.Module 
 # public entry point
 
 
+def tf32_flags() -> tuple[bool, bool]:
+    """(matrix products, cuDNN convolutions): may float32 work on CUDA round to TF32?
+
+    Read from torch's ``fp32_precision`` settings where they exist (torch >= 2.9): once a user
+    set ``torch.backends.fp32_precision``, reading the older ``allow_tf32`` flags raises.
+    """
+    try:
+        return (torch.backends.cuda.matmul.fp32_precision == "tf32",
+                torch.backends.cudnn.conv.fp32_precision == "tf32")
+    except AttributeError:  # older torch: only the allow_tf32 flags
+        return bool(torch.backends.cuda.matmul.allow_tf32), bool(torch.backends.cudnn.allow_tf32)
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for float32 convolutions (cuDNN) and matrix products on CUDA, both on or off.
+
+    Process-wide, as torch's own flags are: the capture records them in ``trace.meta``
+    (``allow_tf32_cudnn``/``allow_tf32_matmul``) and every later re-run of a layer sees the same.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def _resolve_device(device: str | torch.device) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -1191,8 +1214,7 @@ def capture_torch(
         "model": type(model).__name__,
         "device": str(dev),
         "dtype": dtype,
-        "allow_tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
-        "allow_tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+        **dict(zip(("allow_tf32_matmul", "allow_tf32_cudnn"), tf32_flags(), strict=True)),
         "deterministic_algorithms": bool(torch.are_deterministic_algorithms_enabled()),
         "input_names": list(fed),
     }

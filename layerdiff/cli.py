@@ -53,6 +53,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    choices=["float32", "float64", "float16", "bfloat16"],
                    help="compute precision (Caffe engine: float32 or float64)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device")
+    p.add_argument("--tf32", default="default", choices=["default", "on", "off"],
+                   help="TF32 for float32 conv/matmul on CUDA: torch's default (cuDNN on, "
+                        "matmul off), on or off for both")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a whole pickled torch module (runs code from the file)")
     p.add_argument("--keep-train-mode", action="store_true",
@@ -139,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     from layerdiff.engine.runner import tune_allocator
 
     tune_allocator()  # this process is ours: keep activation memory instead of re-faulting it
+    if getattr(args, "tf32", "default") != "default":
+        from layerdiff.adapters.torch_capture import set_tf32
+
+        set_tf32(args.tf32 == "on")  # process-wide: captures and re-runs see the same flags
     try:
         return int(args.func(args) or 0)
     except LayerdiffError as e:
