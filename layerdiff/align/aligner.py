@@ -309,17 +309,40 @@ def _next_free_cand_does(p: Pair, cs, used, rec: Record) -> bool:
 
 
 def _absorb_candidate_groups(pairs, cs, used) -> set[int]:
-    absorbed: set[int] = set()
+    """Extend each pair's candidate side with the free records of a ``CAND_GROUPS`` pattern.
+
+    Returns the record indices of the candidate records that joined a pair.
+    """
+    taken = set(used)  # candidate positions
     cpos = {c.index: j for j, c in enumerate(cs)}
     for p in pairs:
-        for cand_fams, _, desc in CAND_GROUPS:
-            j = cpos[p.cand[0].index]
-            if not families(p.cand[0].kind) & {cand_fams[-1]} or j == 0:
+        if len(p.cand) != 1:
+            continue  # a map-file entry already says what the candidate side is
+        j = cpos[p.cand[0].index]
+        for cand_fams, ref_fams, desc in CAND_GROUPS:
+            anchor = next((k for k, f in enumerate(cand_fams) if f in ref_fams), None)
+            if anchor is None or not families(p.ref[0].kind) & set(ref_fams) \
+                    or cand_fams[anchor] not in families(cs[j].kind):
                 continue
-            prev = cs[j - 1]
-            if j - 1 in used or not families(prev.kind) & {cand_fams[0]}:
+            run = _free_run(cs, j - anchor, cand_fams, j, taken)
+            if run is None:
                 continue
-            p.cand.insert(0, prev)
-            absorbed.add(prev.index)
+            p.cand = [cs[k] for k in run]
+            taken.update(run)
             p.note = "; ".join(x for x in (p.note, desc) if x)
-    return absorbed
+            break
+    return {cs[k].index for k in taken - set(used)}
+
+
+def _free_run(cs, start, fams, anchor, taken) -> list[int] | None:
+    """Positions ``start, start+1, ...`` when their records fit ``fams``, each feeding the next,
+    and all but ``anchor`` are free."""
+    if start < 0 or start + len(fams) > len(cs):
+        return None
+    run = list(range(start, start + len(fams)))
+    for k, fam in zip(run, fams, strict=True):
+        if fam not in families(cs[k].kind) or (k != anchor and k in taken):
+            return None
+        if k > start and not _chained(cs[k - 1], cs[k]):
+            return None
+    return run

@@ -1,6 +1,11 @@
 """Tie layers by their weights: a candidate parameter equal to a reference blob (possibly after
 a transpose, a channel flip, or dividing by Caffe's BatchNorm scale factor) names the pair, even
 when the two ports named their layers differently.
+
+A kernel with a BatchNorm folded into it (``w' = w * gamma / sqrt(var + eps)`` per output
+channel) ties to the unfolded kernel too: each output channel is a multiple, positive or
+negative, of the other's. Candidates are first bucketed by shape, then screened by a per-channel
+signature that such a factor leaves unchanged; only a signature match is verified in full.
 """
 
 from __future__ import annotations
@@ -11,6 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from layerdiff.trace import Record
+
+# Reference kinds whose first blob is a kernel (output channels first) that a BatchNorm after
+# the layer may have been folded into.
+FOLDABLE = {"Convolution", "ConvolutionDepthwise", "DepthwiseConvolution", "InnerProduct"}
+FOLDED = "kernel scaled per output channel"
 
 # Which reference blob identifies a layer, and which candidate parameters may hold it.
 # (reference kind, blob key) -> candidate parameter names.
@@ -59,6 +69,60 @@ def _variants(ref: Record, key: str, blob: np.ndarray) -> list[tuple[str, np.nda
     return out
 
 
+def channel_ratios(scaled: np.ndarray, plain: np.ndarray, rtol: float = 1e-3
+                   ) -> np.ndarray | None:
+    """Per output channel (axis 0) the factor ``r`` with ``scaled[c] = r[c] * plain[c]``, or
+    None when some channel is not such a multiple.
+
+    An all-zero ``plain`` channel gets ``nan`` (any factor fits when ``scaled[c]`` is zero too).
+    A channel may differ by float32 rounding: ``rtol`` of its own largest value, plus a floor of
+    ``1e-6`` of the whole kernel's for channels of tiny values.
+    """
+    if scaled.shape != plain.shape or scaled.ndim < 2 or not scaled.size:
+        return None
+    a = np.asarray(scaled, np.float64).reshape(scaled.shape[0], -1)
+    b = np.asarray(plain, np.float64).reshape(plain.shape[0], -1)
+    den = np.einsum("ij,ij->i", b, b)
+    live = den > 0
+    ratio = np.full(a.shape[0], np.nan)
+    ratio[live] = np.einsum("ij,ij->i", a[live], b[live]) / den[live]
+    fit = np.where(live[:, None], ratio[:, None] * b, 0.0)
+    peak = np.abs(a).max(axis=1)
+    floor = 1e-6 * float(max(peak.max(), np.abs(b).max()))
+    if not np.all(np.abs(a - fit).max(axis=1) <= rtol * peak + floor + 1e-30):
+        return None
+    return ratio
+
+
+def _unit_probe(n: int) -> np.ndarray:
+    # Fixed pseudo-random direction: the same for every kernel of one channel size.
+    return np.random.default_rng(n).standard_normal(n)
+
+
+def channel_signature(w: np.ndarray) -> np.ndarray:
+    """Per output channel ``|<w[c], u>| / |w[c]|`` for a fixed direction ``u``: unchanged by any
+    nonzero per-channel factor. All-zero channels get ``nan`` (a zero factor fits anything)."""
+    m = np.asarray(w, np.float64).reshape(w.shape[0], -1)
+    norm = np.sqrt(np.einsum("ij,ij->i", m, m))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sig = np.abs(m @ _unit_probe(m.shape[1])) / norm
+    sig[norm == 0] = np.nan
+    return sig
+
+
+def _same_signature(a: np.ndarray, b: np.ndarray) -> bool:
+    both = ~(np.isnan(a) | np.isnan(b))
+    # Most channels must carry evidence: a kernel of zeros identifies nothing.
+    if both.sum() * 2 < a.size:
+        return False
+    return bool(np.allclose(a[both], b[both], rtol=1e-3, atol=1e-4))
+
+
+def _scaled_copy(blob: np.ndarray, got: np.ndarray) -> bool:
+    """Whether one kernel is the other with each output channel scaled (either way round)."""
+    return channel_ratios(got, blob) is not None or channel_ratios(blob, got) is not None
+
+
 def tie_by_parameters(ref: list[Record], cand: list[Record]) -> list[Tie]:
     """Every (reference record, candidate record) pair whose identifying weights agree."""
     by_size: dict[int, list[tuple[Record, str, np.ndarray]]] = defaultdict(list)
@@ -67,6 +131,7 @@ def tie_by_parameters(ref: list[Record], cand: list[Record]) -> list[Tie]:
             leaf = name.rsplit(".", 1)[-1]
             a = np.asarray(arr)
             by_size[a.size].append((c, leaf, a))
+    signatures: dict[int, np.ndarray] = {}  # id(candidate array) -> channel signature
     ties: list[Tie] = []
     for r in ref:
         for key, names in IDENTIFYING.get(r.kind, []):
@@ -88,7 +153,22 @@ def tie_by_parameters(ref: list[Record], cand: list[Record]) -> list[Tie]:
                         break
                 if found:
                     break
+            if not found and key == "0" and r.kind in FOLDABLE and blob.ndim >= 2:
+                found = _folded_tie(r, blob, by_size.get(blob.size, []), signatures)
             if found:
                 ties.append(found)
                 break
     return ties
+
+
+def _folded_tie(r: Record, blob: np.ndarray, bucket, signatures) -> Tie | None:
+    mine = channel_signature(blob)
+    for c, leaf, arr in bucket:
+        if leaf != "weight" or arr.shape != blob.shape:
+            continue
+        sig = signatures.get(id(arr))
+        if sig is None:
+            sig = signatures[id(arr)] = channel_signature(arr)
+        if _same_signature(mine, sig) and _scaled_copy(blob, arr):
+            return Tie(r.index, c.index, FOLDED)
+    return None
