@@ -154,3 +154,20 @@ def renamed(port: GraphPort, rename: Callable[[str], str]) -> GraphPort:
         steps.append((rename(name), bottoms, tops))
     port.steps = steps
     return port
+
+
+def drop_steps(port: GraphPort, names: set[str]) -> GraphPort:
+    """``port`` without the steps ``names`` (a port that forgot those layers; in-place tops)."""
+    port.steps = [s for s in port.steps if s[0] not in names]
+    for name in names:
+        delattr(port, name)
+    return port
+
+
+def insert_step(port: GraphPort, after: str, name: str, module: nn.Module) -> GraphPort:
+    """``port`` with ``module`` applied in place to the output of step ``after``."""
+    port.add_module(name, module)
+    k = next(i for i, s in enumerate(port.steps) if s[0] == after)
+    top = port.steps[k][2]
+    port.steps.insert(k + 1, (name, top, top))
+    return port

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fold_ports import bn_port, fold, load_folded, renamed
+from fold_ports import bn_port, drop_steps, fold, insert_step, load_folded, renamed
 from golden import CORPUS, require_shared
 from nets import caffe_net
 from ports import GraphPort
@@ -133,6 +133,33 @@ def test_folded_port_with_undivided_statistics_fails_at_the_group(resnet20):
     assert not report
     fd = report.first_divergence
     assert (fd.pair.ref_name, fd.pair.cand_name) == ("Convolution1", "Convolution1+BatchNorm1")
+
+
+def test_port_that_left_a_batchnorm_out_is_not_a_fold(resnet20):
+    """The numbers decide: the bare conv agrees with Caffe's conv, so BatchNorm + Scale stay
+    unaligned (the port left them out) instead of hiding in a group."""
+    net, _ = resnet20
+    port = drop_steps(GraphPort(net).eval(), {"BatchNorm1", "Scale1"})
+    report = layerdiff.compare(net, port, "uniform:-1,1:7")
+    assert not report
+    pairs = {r.pair.ref_name: r for r in report.results}
+    assert pairs["Convolution1"].pair.cand_name == "Convolution1"
+    assert pairs["Convolution1"].passed
+    assert [r.name for r in report.alignment.unaligned_ref] == ["BatchNorm1", "Scale1"]
+
+
+def test_batchnorm_the_port_inserted_is_not_a_fold(resnet20):
+    _, folded = resnet20
+    extra = nn.BatchNorm2d(16).eval()
+    with torch.no_grad():
+        extra.running_mean.fill_(0.3)
+    port = insert_step(GraphPort(folded).eval(), "Convolution1", "extra_bn", extra)
+    report = layerdiff.compare(folded, port, "uniform:-1,1:7")
+    assert not report
+    pairs = {r.pair.ref_name: r for r in report.results}
+    assert pairs["Convolution1"].pair.cand_name == "Convolution1"
+    assert pairs["Convolution1"].passed
+    assert [c.name for c in report.alignment.unaligned_cand] == ["extra_bn"]
 
 
 # -- explicit padding, functional global pooling, Linear + BatchNorm1d --------------------------

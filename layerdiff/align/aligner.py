@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from layerdiff.align.fingerprint import tie_by_parameters
-from layerdiff.align.kinds import CAND_GROUPS, PASSTHROUGH, REF_GROUPS, compatible, families
+from layerdiff.align.kinds import (
+    CAND_GROUPS,
+    FOLD_TARGETS,
+    PASSTHROUGH,
+    REF_GROUPS,
+    compatible,
+    families,
+)
 from layerdiff.align.mapfile import MapFile, dump_mapfile
 from layerdiff.trace import Record, Trace
 
@@ -293,11 +300,38 @@ def _absorb_reference_groups(pairs, rs, cs, match, used) -> None:
                 continue
             if _next_free_cand_does(p, cs, used, extra[0]):
                 continue  # the candidate has its own step for it: leave it to the order stage
+            if _numbers_refute(p.ref[-1], extra[-1], p.cand[-1], p.cand[-1]):
+                continue  # the port left that step out: the pair agrees without it
             p.ref.extend(extra)
             for r in extra:
                 match[rpos[r.index]] = ([], "group", desc)
             p.note = "; ".join(x for x in (p.note, desc) if x)
             break
+
+
+def _numbers_refute(ref_now: Record, ref_grown: Record, cand_now: Record,
+                    cand_grown: Record) -> bool:
+    """Whether the outputs say a pair must not grow: it agrees as it is and disagrees grown.
+
+    (A BatchNorm the port inserted, or one it left out, is not a folded one.) When neither or
+    both agree, e.g. behind an earlier divergence, the structure decides.
+    """
+    if ref_now is ref_grown and cand_now is cand_grown:
+        return False
+    if not families(ref_now.kind) & FOLD_TARGETS:
+        return False
+    return _agree(ref_now, cand_now) and not _agree(ref_grown, cand_grown)
+
+
+def _agree(r: Record, c: Record, rtol: float = 1e-3) -> bool:
+    # A loose check, only to choose between two groupings; the verdict measures the pair.
+    a, b = np.asarray(r.outputs[0]), np.asarray(c.outputs[0])
+    if a.size != b.size or not a.size or not np.issubdtype(a.dtype, np.floating) \
+            or not np.issubdtype(b.dtype, np.floating):
+        return False
+    a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return bool(np.abs(a - b).max() <= rtol * np.abs(a).max() + 1e-6)
 
 
 def _next_free_cand_does(p: Pair, cs, used, rec: Record) -> bool:
@@ -325,7 +359,7 @@ def _absorb_candidate_groups(pairs, cs, used) -> set[int]:
                     or cand_fams[anchor] not in families(cs[j].kind):
                 continue
             run = _free_run(cs, j - anchor, cand_fams, j, taken)
-            if run is None:
+            if run is None or _numbers_refute(p.ref[-1], p.ref[-1], cs[j], cs[run[-1]]):
                 continue
             p.cand = [cs[k] for k in run]
             taken.update(run)

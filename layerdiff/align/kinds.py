@@ -71,6 +71,10 @@ def compatible(a: str, b: str) -> bool:
 # Known groups: several records on one side that do the work of one record on the other.
 # The aligner extends a matched pair with the unmatched records next to it when the pattern fits;
 # the group is compared on the output of its last record.
+# Families a BatchNorm is folded into. A group that folds one is checked against the outputs:
+# when the pair agrees without the BatchNorm and disagrees with it, the port inserted or left
+# out that BatchNorm, and the group is not formed.
+FOLD_TARGETS = {"conv", "linear"}
 # REF_GROUPS: (reference kinds in execution order on one blob, candidate families, description).
 REF_GROUPS: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
     (("BatchNorm", "Scale"), ("batchnorm",), "Caffe BatchNorm + Scale = one BatchNorm"),
