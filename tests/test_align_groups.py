@@ -72,6 +72,27 @@ def resnet20(tmp_path_factory):
     return net, load_folded(net, tmp_path_factory.mktemp("folded"))
 
 
+def test_folded_resnet50_vs_torchvision_style_port(tmp_path):
+    """53 convs, other names on each side: every conv + BatchNorm2d pair found by its weights."""
+    require_shared()
+    from golden import GOLDEN, load_golden
+    from ports import load_resnet50_from_caffe
+
+    net = load_golden(GOLDEN / "nets" / "resnet50_seed_ones").net
+    folded = load_folded(net, tmp_path / "folded")
+    report = layerdiff.compare(folded, load_resnet50_from_caffe(net), "ones:0.5",
+                               diagnose=False)  # the ResNet-20 tests check for no findings
+    assert report, [(r.pair.ref_name, r.pair.cand_name, r.metrics.max_abs) for r in report.failures]
+    convs = _conv_rows(report)
+    assert len(convs) == 53
+    assert all([c.kind for c in p.cand] == ["Conv2d", "BatchNorm2d"] for p in convs)
+    assert [p.method for p in convs].count("fingerprint") == 52  # conv1 = conv1 by name
+    pairs = {p.ref_name: p.cand_name for p in convs}
+    assert pairs["res2a_branch2a"] == "layer1.0.conv1+layer1.0.bn1"
+    assert [r.name for r in report.alignment.unaligned_ref] == ["prob"]  # the port has no softmax
+    assert not report.alignment.unaligned_cand
+
+
 def _torch_style(name: str) -> str:
     """Other names for conv / BatchNorm modules, so only the weights can tie them."""
     return f"features_{name[::-1]}" if name.startswith(("Convolution", "BatchNorm")) else name
@@ -206,6 +227,10 @@ class KerasStylePort(nn.Module):
             x = x.amax((2, 3))
         elif self.pool == "max keepdim":
             x = torch.flatten(x.amax(dim=(2, 3), keepdim=True), 1)
+        elif self.pool == "mean keepdim":
+            x = x.mean((2, 3), keepdim=True).flatten(1)
+        elif self.pool == "adaptive max":
+            x = torch.flatten(F.adaptive_max_pool2d(x, 1), 1)
         else:  # "adaptive avg"
             x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self.bn_fc(self.fc(x))
@@ -230,9 +255,9 @@ def _small(tmp_path, caffe_pool: str, torch_pool: str, seed: int = 3):
     return net, port
 
 
-@pytest.mark.parametrize("caffe_pool,torch_pool", [("AVE", "mean"), ("MAX", "amax"),
-                                                   ("MAX", "max keepdim"),
-                                                   ("AVE", "adaptive avg")])
+@pytest.mark.parametrize("caffe_pool,torch_pool", [
+    ("AVE", "mean"), ("MAX", "amax"), ("MAX", "max keepdim"), ("AVE", "mean keepdim"),
+    ("AVE", "adaptive avg"), ("MAX", "adaptive max")])
 def test_padding_global_pooling_and_linear_batchnorm_align_and_pass(tmp_path, caffe_pool,
                                                                     torch_pool):
     net, port = _small(tmp_path, caffe_pool, torch_pool)
@@ -243,7 +268,7 @@ def test_padding_global_pooling_and_linear_batchnorm_align_and_pass(tmp_path, ca
     rows = {r.pair.ref_name: [c.kind for c in r.pair.cand] for r in report.results}
     assert rows["conv1"] == ["pad", "Conv2d", "BatchNorm2d"]
     assert rows["pool1"] == ["pad", "max_pool2d"]
-    assert rows["gpool"][0] in {"mean", "amax", "adaptive_avg_pool2d"}
+    assert rows["gpool"] in (["mean"], ["amax"], ["adaptive_avg_pool2d"], ["adaptive_max_pool2d"])
     assert rows["fc"][-2:] == ["Linear", "BatchNorm1d"]
     assert len(report.results) == 5
 

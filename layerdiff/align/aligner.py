@@ -9,8 +9,9 @@ Stages, strongest first; each pair remembers which one matched it:
    output size.
 Then the known groups of ``kinds.py`` absorb the records that have no counterpart because the
 other side does their work in one step (Caffe BatchNorm + Scale vs one BatchNorm2d, a conv with
-BatchNorm folded in, flatten + Linear vs InnerProduct). A group is compared on the output of its
-last record.
+BatchNorm folded in on either side, ``F.pad`` + conv vs a conv with ``pad``, flatten + Linear vs
+InnerProduct). A group is compared on the output of its last record. For BatchNorm folds the
+outputs may veto the group (see ``_numbers_refute``).
 """
 
 from __future__ import annotations
