@@ -330,9 +330,9 @@ def _agree(r: Record, c: Record, rtol: float = 1e-3) -> bool:
     if a.size != b.size or not a.size or not np.issubdtype(a.dtype, np.floating) \
             or not np.issubdtype(b.dtype, np.floating):
         return False
-    a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
-        return bool(np.abs(a - b).max() <= rtol * np.abs(a).max() + 1e-6)
+        d = np.subtract(a.reshape(-1), b.reshape(-1), dtype=np.result_type(a, b))
+        return bool(np.abs(d).max() <= rtol * np.abs(a).max() + 1e-6)
 
 
 def _next_free_cand_does(p: Pair, cs, used, rec: Record) -> bool:

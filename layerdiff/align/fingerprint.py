@@ -113,10 +113,10 @@ def channel_ratios(scaled: np.ndarray, plain: np.ndarray, rtol: float = 1e-3
     dtype = np.result_type(scaled, plain, np.float32)  # float32 stays float32: 2x faster
     a = np.asarray(scaled, dtype).reshape(scaled.shape[0], -1)
     b = np.asarray(plain, dtype).reshape(plain.shape[0], -1)
-    den = np.square(b).sum(axis=1, dtype=np.float64)
+    den = np.square(b).sum(axis=1).astype(np.float64)  # float32 sums are pairwise: exact enough
     live = den > 0
     ratio = np.full(a.shape[0], np.nan)
-    ratio[live] = (a[live] * b[live]).sum(axis=1, dtype=np.float64) / den[live]
+    ratio[live] = (a[live] * b[live]).sum(axis=1) / den[live]
     resid = a - np.where(live, ratio, 0.0).astype(dtype)[:, None] * b
     np.abs(resid, out=resid)
     peak = np.abs(a).max(axis=1)
@@ -139,7 +139,7 @@ def channel_signature(w: np.ndarray) -> np.ndarray:
     m = np.asarray(w).reshape(w.shape[0], -1)
     dtype = np.result_type(m, np.float32)
     m = m.astype(dtype, copy=False)
-    norm = np.sqrt(np.square(m).sum(axis=1, dtype=np.float64))
+    norm = np.sqrt(np.square(m).sum(axis=1).astype(np.float64))
     with np.errstate(invalid="ignore", divide="ignore"):
         sig = np.abs(m @ _unit_probe(m.shape[1]).astype(dtype)) / norm
     sig[norm == 0] = np.nan
