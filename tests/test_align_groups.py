@@ -14,7 +14,7 @@ from ports import GraphPort
 from torch import nn
 
 import layerdiff
-from layerdiff.align.fingerprint import channel_ratios, channel_signature
+from layerdiff.align.fingerprint import FOLDED, channel_ratios, channel_signature
 
 
 def _rng(seed: int = 0) -> np.random.Generator:
@@ -216,6 +216,8 @@ class KerasStylePort(nn.Module):
                 bn.weight.copy_(torch.from_numpy(g.uniform(0.5, 1.5, n) * np.sign(
                     g.standard_normal(n))))
                 bn.bias.copy_(torch.from_numpy(g.standard_normal(n)))
+            self.conv.weight[0] = 0.0  # a dead channel
+            self.bn.weight[1] = 0.0  # gamma 0: that channel of the folded kernel is zero
         self.eval()
 
     def forward(self, x):
@@ -267,6 +269,8 @@ def test_padding_global_pooling_and_linear_batchnorm_align_and_pass(tmp_path, ca
     assert not report.alignment.unaligned_ref and not report.alignment.unaligned_cand
     rows = {r.pair.ref_name: [c.kind for c in r.pair.cand] for r in report.results}
     assert rows["conv1"] == ["pad", "Conv2d", "BatchNorm2d"]
+    conv1 = next(r.pair for r in report.results if r.pair.ref_name == "conv1")
+    assert conv1.method == "fingerprint" and FOLDED in conv1.note  # torch calls it "conv"
     assert rows["pool1"] == ["pad", "max_pool2d"]
     assert rows["gpool"] in (["mean"], ["amax"], ["adaptive_avg_pool2d"], ["adaptive_max_pool2d"])
     assert rows["fc"][-2:] == ["Linear", "BatchNorm1d"]
