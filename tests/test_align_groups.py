@@ -287,3 +287,69 @@ def test_global_pooling_of_another_kind_still_aligns_at_the_pooling(tmp_path):
     assert not pairs["gpool"].passed and pairs["pool1"].passed
     assert report.first_divergence.pair.ref_name == "gpool"
     assert not report.alignment.unaligned_ref and not report.alignment.unaligned_cand
+
+
+_SMALL_UNFOLDED = """
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 6 kernel_size: 3 pad: 1 } }
+layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" }
+layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1" scale_param { bias_term: true } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+        pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "gpool" type: "Pooling" bottom: "pool1" top: "gpool"
+        pooling_param { pool: AVE global_pooling: true } }
+layer { name: "fc" type: "InnerProduct" bottom: "gpool" top: "fc"
+        inner_product_param { num_output: 5 } }
+layer { name: "bn_fc" type: "BatchNorm" bottom: "fc" top: "fc" }
+layer { name: "scale_fc" type: "Scale" bottom: "fc" top: "fc" scale_param { bias_term: true } }
+"""
+
+
+class FoldedPort(nn.Module):
+    """A port whose converter folded every BatchNorm and padded explicitly."""
+
+    def __init__(self, blobs: dict[str, list[np.ndarray]]):
+        super().__init__()
+        (w, b), (fw, fb) = blobs["conv1"], blobs["fc"]
+        self.features = nn.Conv2d(3, 6, 3)
+        self.head = nn.Linear(6, 5)
+        with torch.no_grad():
+            for mod, weight, bias in ((self.features, w, b), (self.head, fw, fb)):
+                mod.weight.copy_(torch.from_numpy(weight))
+                mod.bias.copy_(torch.from_numpy(bias))
+        self.eval()
+
+    def forward(self, x):
+        x = torch.relu(self.features(F.pad(x, (1, 1, 1, 1))))
+        x = F.max_pool2d(F.pad(x, (1, 1, 1, 1)), 3, 2)
+        return self.head(x.mean((2, 3)))
+
+
+def test_unfolded_caffe_vs_port_with_folded_conv_and_linear(tmp_path):
+    """Caffe Convolution + BatchNorm + Scale and InnerProduct + BatchNorm + Scale against a port
+    with both folded (weights tie per output channel) and explicit padding."""
+    src = KerasStylePort(_rng(4), "mean")
+    s = 999.98  # Caffe stores the statistics times the moving-average factor
+
+    def arr(t):
+        return t.detach().double().numpy()
+
+    blobs = {}
+    for name, bn_name, sc_name, layer, bn in (("conv1", "bn1", "scale1", src.conv, src.bn),
+                                              ("fc", "bn_fc", "scale_fc", src.fc, src.bn_fc)):
+        blobs[name] = [arr(layer.weight), arr(layer.bias)]
+        blobs[bn_name] = [arr(bn.running_mean) * s, arr(bn.running_var) * s, np.array([s])]
+        blobs[sc_name] = [arr(bn.weight), arr(bn.bias)]
+    net = caffe_net(tmp_path, _SMALL_UNFOLDED, {"data": (2, 3, 9, 9)}, blobs, np.float32)
+    port = FoldedPort({k: [a.astype(np.float32) for a in v]
+                       for k, v in src.folded_blobs().items()})
+    report = layerdiff.compare(net, port, "uniform:-1,1:5")
+    assert report, [(r.pair.ref_name, r.pair.cand_name, r.metrics.max_abs) for r in report.failures]
+    assert report.findings == []
+    assert not report.alignment.unaligned_ref and not report.alignment.unaligned_cand
+    rows = {r.pair.ref_name: r.pair for r in report.results}
+    assert rows["conv1+bn1+scale1"].cand_name == "pad+features"
+    assert rows["fc+bn_fc+scale_fc"].cand_name == "head"
+    assert rows["conv1+bn1+scale1"].method == rows["fc+bn_fc+scale_fc"].method == "fingerprint"
+    assert len(report.results) == 5
