@@ -353,3 +353,36 @@ def test_unfolded_caffe_vs_port_with_folded_conv_and_linear(tmp_path):
     assert rows["fc+bn_fc+scale_fc"].cand_name == "head"
     assert rows["conv1+bn1+scale1"].method == rows["fc+bn_fc+scale_fc"].method == "fingerprint"
     assert len(report.results) == 5
+
+
+def _trace(*records: tuple[str, str, tuple[int, ...]]):
+    from layerdiff.trace import Trace
+
+    t, prev = Trace(), []
+    for name, kind, shape in records:
+        t.add(name, kind, [name], prev, [np.zeros(shape, np.float32)])
+        prev = [name]
+    return t
+
+
+def test_a_reduction_stands_for_a_pooling_only_where_it_pools_globally():
+    from layerdiff.align import align
+
+    # x / x.amax() before the pooling: the scalar amax is no pooling, even when the sizes
+    # differ everywhere and only the op kinds are left to pair by.
+    ref = _trace(("conv", "Convolution", (1, 4, 4, 4)), ("pool", "Pooling", (1, 4, 2, 2)))
+    cand = _trace(("conv", "Conv2d", (1, 4, 4, 4)), ("amax", "amax", ()),
+                  ("avg_pool2d", "avg_pool2d", (1, 4, 3, 3)))
+    al = align(ref, cand)
+    assert [(p.ref_name, p.cand_name) for p in al.pairs] == [("conv", "conv"),
+                                                             ("pool", "avg_pool2d")]
+    assert [c.name for c in al.unaligned_cand] == ["amax"]
+
+    ref = _trace(("conv", "Convolution", (2, 4, 4, 4)), ("gpool", "Pooling", (2, 4, 1, 1)))
+    cand = _trace(("conv", "Conv2d", (2, 4, 4, 4)), ("amax", "amax", (2, 4)))
+    assert [p.cand_name for p in align(ref, cand).pairs] == ["conv", "amax"]
+
+    # torch against torch: two reductions pair as they are
+    ref = _trace(("a", "Conv2d", (2, 4, 4, 4)), ("m", "mean", (2, 4)))
+    cand = _trace(("b", "Conv2d", (2, 4, 4, 4)), ("n", "mean", (2, 4)))
+    assert [p.cand_name for p in align(ref, cand).pairs] == ["b", "n"]

@@ -25,6 +25,7 @@ from layerdiff.align.fingerprint import tie_by_parameters
 from layerdiff.align.kinds import (
     CAND_GROUPS,
     FOLD_TARGETS,
+    GLOBAL_POOL_ONLY,
     PASSTHROUGH,
     REF_GROUPS,
     compatible,
@@ -233,11 +234,20 @@ def _lcs(gap_r, gap_c, rs, cs, same) -> list[tuple[int, int]]:
 
 
 def _same_op(r: Record, c: Record) -> bool:
-    return compatible(r.kind, c.kind) and _size(r) == _size(c)
+    return compatible(r.kind, c.kind) and _size(r) == _size(c) and _pooling_fits(r, c)
 
 
 def _same_kind(r: Record, c: Record) -> bool:
-    return bool(families(r.kind) & families(c.kind))
+    return bool(families(r.kind) & families(c.kind)) and _pooling_fits(r, c)
+
+
+def _pooling_fits(r: Record, c: Record) -> bool:
+    """A reduction in forward stands for a Caffe pooling only where it does a global pooling."""
+    if c.kind not in GLOBAL_POOL_ONLY or r.kind in GLOBAL_POOL_ONLY \
+            or (families(r.kind) & families(c.kind)) - {"pool"}:
+        return True  # not a reduction against a pooling layer
+    out = np.asarray(r.outputs[0])
+    return out.ndim == 4 and out.shape[2:] == (1, 1) and out.size == _size(c)
 
 
 def _build_pairs(rs, cs, match, used) -> tuple[list[Pair], set[int]]:

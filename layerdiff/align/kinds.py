@@ -48,6 +48,11 @@ FAMILIES: dict[str, set[str]] = {
     "power": {"Power", "Exp", "Log", "pow", "exp", "log", "sqrt", "rsqrt"},
 }
 
+#: Functional reductions that are a pooling only when they do a global pooling's work: the
+#: reference output is (N, C, 1, 1) and theirs has as many values (``x.amax((2, 3))``), not a
+#: scalar or a channel mean (``x / x.amax()``).
+GLOBAL_POOL_ONLY = {"mean", "amax", "max"}
+
 #: Records that only route data: never aligned, never reported as unaligned.
 PASSTHROUGH = {"Input", "Split", "Silence", "contiguous", "clone", "detach", "to", "Identity",
                "identity", "size"}
