@@ -9,8 +9,9 @@ Stages, strongest first; each pair remembers which one matched it:
    output size.
 Then the known groups of ``kinds.py`` absorb the records that have no counterpart because the
 other side does their work in one step (Caffe BatchNorm + Scale vs one BatchNorm2d, a conv with
-BatchNorm folded in, flatten + Linear vs InnerProduct). A group is compared on the output of its
-last record.
+BatchNorm folded in on either side, ``F.pad`` + conv vs a conv with ``pad``, flatten + Linear vs
+InnerProduct). A group is compared on the output of its last record. For BatchNorm folds the
+outputs may veto the group (see ``_numbers_refute``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from layerdiff.align.fingerprint import tie_by_parameters
-from layerdiff.align.kinds import CAND_GROUPS, PASSTHROUGH, REF_GROUPS, compatible, families
+from layerdiff.align.kinds import (
+    CAND_GROUPS,
+    FOLD_TARGETS,
+    GLOBAL_POOL_ONLY,
+    PASSTHROUGH,
+    REF_GROUPS,
+    compatible,
+    families,
+)
 from layerdiff.align.mapfile import MapFile, dump_mapfile
 from layerdiff.trace import Record, Trace
 
@@ -225,11 +234,20 @@ def _lcs(gap_r, gap_c, rs, cs, same) -> list[tuple[int, int]]:
 
 
 def _same_op(r: Record, c: Record) -> bool:
-    return compatible(r.kind, c.kind) and _size(r) == _size(c)
+    return compatible(r.kind, c.kind) and _size(r) == _size(c) and _pooling_fits(r, c)
 
 
 def _same_kind(r: Record, c: Record) -> bool:
-    return bool(families(r.kind) & families(c.kind))
+    return bool(families(r.kind) & families(c.kind)) and _pooling_fits(r, c)
+
+
+def _pooling_fits(r: Record, c: Record) -> bool:
+    """A reduction in forward stands for a Caffe pooling only where it does a global pooling."""
+    if c.kind not in GLOBAL_POOL_ONLY or r.kind in GLOBAL_POOL_ONLY \
+            or (families(r.kind) & families(c.kind)) - {"pool"}:
+        return True  # not a reduction against a pooling layer
+    out = np.asarray(r.outputs[0])
+    return out.ndim == 4 and out.shape[2:] == (1, 1) and out.size == _size(c)
 
 
 def _build_pairs(rs, cs, match, used) -> tuple[list[Pair], set[int]]:
@@ -293,11 +311,38 @@ def _absorb_reference_groups(pairs, rs, cs, match, used) -> None:
                 continue
             if _next_free_cand_does(p, cs, used, extra[0]):
                 continue  # the candidate has its own step for it: leave it to the order stage
+            if _numbers_refute(p.ref[-1], extra[-1], p.cand[-1], p.cand[-1]):
+                continue  # the port left that step out: the pair agrees without it
             p.ref.extend(extra)
             for r in extra:
                 match[rpos[r.index]] = ([], "group", desc)
             p.note = "; ".join(x for x in (p.note, desc) if x)
             break
+
+
+def _numbers_refute(ref_now: Record, ref_grown: Record, cand_now: Record,
+                    cand_grown: Record) -> bool:
+    """Whether the outputs say a pair must not grow: it agrees as it is and disagrees grown.
+
+    (A BatchNorm the port inserted, or one it left out, is not a folded one.) When neither or
+    both agree, e.g. behind an earlier divergence, the structure decides.
+    """
+    if ref_now is ref_grown and cand_now is cand_grown:
+        return False
+    if not families(ref_now.kind) & FOLD_TARGETS:
+        return False
+    return _agree(ref_now, cand_now) and not _agree(ref_grown, cand_grown)
+
+
+def _agree(r: Record, c: Record, rtol: float = 1e-3) -> bool:
+    # A loose check, only to choose between two groupings; the verdict measures the pair.
+    a, b = np.asarray(r.outputs[0]), np.asarray(c.outputs[0])
+    if a.size != b.size or not a.size or not np.issubdtype(a.dtype, np.floating) \
+            or not np.issubdtype(b.dtype, np.floating):
+        return False
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = np.subtract(a.reshape(-1), b.reshape(-1), dtype=np.result_type(a, b))
+        return bool(np.abs(d).max() <= rtol * np.abs(a).max() + 1e-6)
 
 
 def _next_free_cand_does(p: Pair, cs, used, rec: Record) -> bool:
@@ -309,17 +354,40 @@ def _next_free_cand_does(p: Pair, cs, used, rec: Record) -> bool:
 
 
 def _absorb_candidate_groups(pairs, cs, used) -> set[int]:
-    absorbed: set[int] = set()
+    """Extend each pair's candidate side with the free records of a ``CAND_GROUPS`` pattern.
+
+    Returns the record indices of the candidate records that joined a pair.
+    """
+    taken = set(used)  # candidate positions
     cpos = {c.index: j for j, c in enumerate(cs)}
     for p in pairs:
-        for cand_fams, _, desc in CAND_GROUPS:
-            j = cpos[p.cand[0].index]
-            if not families(p.cand[0].kind) & {cand_fams[-1]} or j == 0:
+        if len(p.cand) != 1:
+            continue  # a map-file entry already says what the candidate side is
+        j = cpos[p.cand[0].index]
+        for cand_fams, ref_fams, desc in CAND_GROUPS:
+            anchor = next((k for k, f in enumerate(cand_fams) if f in ref_fams), None)
+            if anchor is None or not families(p.ref[0].kind) & set(ref_fams) \
+                    or cand_fams[anchor] not in families(cs[j].kind):
                 continue
-            prev = cs[j - 1]
-            if j - 1 in used or not families(prev.kind) & {cand_fams[0]}:
+            run = _free_run(cs, j - anchor, cand_fams, j, taken)
+            if run is None or _numbers_refute(p.ref[-1], p.ref[-1], cs[j], cs[run[-1]]):
                 continue
-            p.cand.insert(0, prev)
-            absorbed.add(prev.index)
+            p.cand = [cs[k] for k in run]
+            taken.update(run)
             p.note = "; ".join(x for x in (p.note, desc) if x)
-    return absorbed
+            break
+    return {cs[k].index for k in taken - set(used)}
+
+
+def _free_run(cs, start, fams, anchor, taken) -> list[int] | None:
+    """Positions ``start, start+1, ...`` when their records fit ``fams``, each feeding the next,
+    and all but ``anchor`` are free."""
+    if start < 0 or start + len(fams) > len(cs):
+        return None
+    run = list(range(start, start + len(fams)))
+    for k, fam in zip(run, fams, strict=True):
+        if fam not in families(cs[k].kind) or (k != anchor and k in taken):
+            return None
+        if k > start and not _chained(cs[k - 1], cs[k]):
+            return None
+    return run

@@ -26,7 +26,10 @@ FAMILIES: dict[str, set[str]] = {
     "clip": {"Clip", "clamp", "clip", "Hardtanh", "hardtanh", "ReLU6", "relu6"},
     "pool": {"Pooling", "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d",
              "AvgPool3d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "max_pool2d", "avg_pool2d",
-             "adaptive_avg_pool2d", "adaptive_max_pool2d", "mean"},
+             "adaptive_avg_pool2d", "adaptive_max_pool2d",
+             # reductions over H, W written in forward (x.mean((2, 3)), x.amax((2, 3)), ...)
+             "mean", "amax", "max"},
+    "pad": {"pad", "ZeroPad2d", "ConstantPad2d", "ConstantPad1d", "ZeroPad1d"},
     "eltwise": {"Eltwise", "Axpy", "add", "add_", "iadd", "mul", "mul_", "maximum", "max",
                 "sub"},
     "concat": {"Concat", "cat", "concat", "stack"},
@@ -44,6 +47,11 @@ FAMILIES: dict[str, set[str]] = {
     "slice": {"Slice", "split", "chunk", "narrow", "getitem", "__getitem__"},
     "power": {"Power", "Exp", "Log", "pow", "exp", "log", "sqrt", "rsqrt"},
 }
+
+#: Functional reductions that are a pooling only when they do a global pooling's work: the
+#: reference output is (N, C, 1, 1) and theirs has as many values (``x.amax((2, 3))``), not a
+#: scalar or a channel mean (``x / x.amax()``).
+GLOBAL_POOL_ONLY = {"mean", "amax", "max"}
 
 #: Records that only route data: never aligned, never reported as unaligned.
 PASSTHROUGH = {"Input", "Split", "Silence", "contiguous", "clone", "detach", "to", "Identity",
@@ -66,15 +74,31 @@ def compatible(a: str, b: str) -> bool:
 
 
 # Known groups: several records on one side that do the work of one record on the other.
-# (ref kinds in execution order on one blob, cand kinds, description). The aligner absorbs an
-# unmatched record next to a matched one when the pattern fits; the group is compared on the
-# output of its last record.
+# The aligner extends a matched pair with the unmatched records next to it when the pattern fits;
+# the group is compared on the output of its last record.
+# Families a BatchNorm is folded into. A group that folds one is checked against the outputs:
+# when the pair agrees without the BatchNorm and disagrees with it, the port inserted or left
+# out that BatchNorm, and the group is not formed.
+FOLD_TARGETS = {"conv", "linear"}
+# REF_GROUPS: (reference kinds in execution order on one blob, candidate families, description).
 REF_GROUPS: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
     (("BatchNorm", "Scale"), ("batchnorm",), "Caffe BatchNorm + Scale = one BatchNorm"),
     (("Convolution", "BatchNorm", "Scale"), ("conv",), "BatchNorm + Scale folded into the conv"),
     (("Convolution", "BatchNorm"), ("conv",), "BatchNorm folded into the conv"),
     (("InnerProduct", "BatchNorm", "Scale"), ("linear",), "BatchNorm folded into the linear"),
+    (("InnerProduct", "BatchNorm"), ("linear",), "BatchNorm folded into the linear"),
 ]
+# CAND_GROUPS: (candidate families in execution order on one blob, reference families,
+# description). The first candidate record whose family is among the reference families is the
+# one already paired; the others join it. Longest patterns first.
 CAND_GROUPS: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
+    (("pad", "conv", "batchnorm"), ("conv",),
+     "explicit padding + conv + BatchNorm = one conv with pad and BatchNorm folded in"),
+    (("pad", "conv"), ("conv",), "explicit padding = the conv's pad"),
+    (("conv", "batchnorm"), ("conv",), "BatchNorm folded into the conv"),
+    (("pad", "pool"), ("pool",), "explicit padding = the pooling's pad"),
+    (("reshape", "linear", "batchnorm"), ("linear",),
+     "InnerProduct = flatten + Linear, BatchNorm folded in"),
     (("reshape", "linear"), ("linear",), "InnerProduct = flatten + Linear"),
+    (("linear", "batchnorm"), ("linear",), "BatchNorm folded into the linear"),
 ]
