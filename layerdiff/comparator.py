@@ -99,6 +99,10 @@ class Report:
     stopped_early: bool = False
     #: diagnosis findings, most telling first (see layerdiff.diagnose)
     findings: list[Any] = field(default_factory=list)
+    #: how compare() was called (sources and keyword options), so the port can be re-compared
+    call: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: what ``fix`` did (a layerdiff.fix.FixOutcome), when it ran
+    fixes: Any = None
 
     def __bool__(self) -> bool:
         return bool(self.results) and all(r.passed for r in self.results)
@@ -125,6 +129,13 @@ class Report:
         if not scored:
             return self.failures[0] if self.failures else None
         return max(scored, key=lambda r: r.metrics.scaled_error())
+
+    def fix(self, out_dir: str | Path, force: bool = False) -> Report:
+        """Write the candidate with every proven fix applied to ``out_dir`` and compare it
+        again; returns that new Report (see layerdiff.fix)."""
+        from layerdiff.fix import fix_port
+
+        return fix_port(self, out_dir, force=force).after
 
     def to_frame(self):
         """One row per aligned pair (pandas DataFrame)."""
@@ -163,6 +174,9 @@ def compare(
     """
     from layerdiff.sources import ModelOptions
 
+    call = {"reference": reference, "candidate": candidate, "input": input, "atol": atol,
+            "rtol": rtol, "map": map, "noise_floor": noise_floor, "fail_fast": fail_fast,
+            "ref_options": ref_options, "cand_options": cand_options}
     ropts = ref_options or ModelOptions()
     copts = cand_options or ModelOptions()
     mf = map if isinstance(map, MapFile) or map is None else load_mapfile(map)
@@ -223,7 +237,7 @@ def compare(
     opts = {"atol": atol, "rtol": rtol,
             "noise_factor": NOISE_FACTOR if noise_of is not None else None,
             "input": input if isinstance(input, (str, list)) else "arrays"}
-    report = Report(results, alignment, ref_trace, cand_trace, opts, notes, stopped)
+    report = Report(results, alignment, ref_trace, cand_trace, opts, notes, stopped, call=call)
     if diagnose:
         from layerdiff.diagnose import diagnose as run_diagnosis
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from layerdiff.diagnose.case import LayerCase
 from layerdiff.diagnose.finding import Finding
+from layerdiff.diagnose.patch import attach_module_patch
 from layerdiff.diagnose.probes import probe
 from layerdiff.diagnose.probes.counterfactual import (
     already_reported,
@@ -223,10 +224,11 @@ def flatten_order(case: LayerCase) -> Finding | None:
               f"order; torch {rec.name}.weight ({lin.weight.shape[0]}x{lin.weight.shape[1]}) "
               f"columns are in ({', '.join(name)}) order: re-run with the columns permuted "
               f"back to (C, H, W) matches")
-        return finding(case, "flatten_order", f"the torch Linear's weight columns follow a "
-                       f"({', '.join(name)}) flatten; Caffe flattens (C, H, W)", ev,
-                       _weight_code(rec.name, chw, order, lin.weight.shape[0], True), fixed,
-                       "flatten_order", order=name)
+        f = finding(case, "flatten_order", f"the torch Linear's weight columns follow a "
+                    f"({', '.join(name)}) flatten; Caffe flattens (C, H, W)", ev,
+                    _weight_code(rec.name, chw, order, lin.weight.shape[0], True), fixed,
+                    "flatten_order", order=name)
+        return attach_module_patch(f, rec, lin, trial)
     return None
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from layerdiff.diagnose.case import LayerCase
 from layerdiff.diagnose.finding import Finding
+from layerdiff.diagnose.patch import attach_module_patch
 from layerdiff.diagnose.probes import probe
 from layerdiff.diagnose.probes.counterfactual import already_reported, check_fix, finding
 from layerdiff.diagnose.probes.layout import fed_otherwise, unaligned_between
@@ -230,11 +231,12 @@ def _mean_in_bias(case: LayerCase) -> Finding | None:
     ev = (f"the error of torch {name} is constant per output channel and equals "
           f"{name}.weight summed over its kernel times {_vec(mean)}; a copy with that added back "
           f"to {name}.bias matches Caffe {case.pair.ref_name}")
-    return finding(case, "input_mean", f"the port subtracts the per-channel mean {_vec(mean)} "
-                   f"inside {name}'s bias: it expects raw input where Caffe expects the mean "
-                   "already subtracted", ev, f"{name}.bias.data += {name}.weight.data.sum((2, 3))"
-                   f" @ torch.tensor({[round(float(v), 4) for v in mean]})", fixed,
-                   "input_convention", mean=mean.tolist())
+    f = finding(case, "input_mean", f"the port subtracts the per-channel mean {_vec(mean)} "
+                f"inside {name}'s bias: it expects raw input where Caffe expects the mean "
+                "already subtracted", ev, f"{name}.bias.data += {name}.weight.data.sum((2, 3))"
+                f" @ torch.tensor({[round(float(v), 4) for v in mean]})", fixed,
+                "input_convention", mean=mean.tolist())
+    return attach_module_patch(f, rec, conv, trial)
 
 
 def _undecidable(case: LayerCase, x: np.ndarray) -> Finding:
