@@ -1,6 +1,7 @@
 """Port folders with planted bugs for the ``--fix-out`` tests: each is a ``model.py`` that
-builds a GraphPort of a corpus net (tests/ports.py) and plants one or two bugs, the way the
-probe tests plant them in memory. ``PLANTS`` names every kind: ``(net, plant)``."""
+builds a torch port of a corpus/golden net (GraphPort of tests/ports.py, LayerPort of
+tests/test_probes_layers.py) with one or two bugs planted the way the probe tests plant them
+in memory. ``PLANTS``: every kind with a safe automatic fix; ``MANUAL``: kinds without one."""
 
 from __future__ import annotations
 
@@ -14,16 +15,30 @@ TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from golden import CORPUS  # noqa: E402
-from ports import GraphPort  # noqa: E402
+import dataclasses  # noqa: E402
 
+from golden import CORPUS, GOLDEN, load_golden  # noqa: E402
+from ports import GraphPort  # noqa: E402
+from torch import nn  # noqa: E402
+
+#: corpus nets (folder, input shape) and golden nets (batch 1 keeps every run fast)
 NETS = {"resnet20": ("cifar10_resnet20_junyuseu", (1, 3, 32, 32)), "lenet": ("lenet_mnist", None)}
+GOLDEN_NETS = {"squeezenet": ("squeezenet_v1.1", None), "cifar10_full": ("cifar10_full", None),
+               "alexnet_head": ("bvlc_alexnet", "pool2")}
 S = 999.98236  # cifar10_resnet20_junyuseu's BatchNorm blob 2
 
 
 def load_net(name: str):
     import layerdiff
 
+    if name in GOLDEN_NETS:
+        folder, last = GOLDEN_NETS[name]
+        net = load_golden(GOLDEN / "nets" / folder).net
+        if last is not None:  # AlexNet's conv part: both LRNs, 6% of the weights
+            names = [lay.name for lay in net.layers]
+            net = dataclasses.replace(net, layers=net.layers[:names.index(last) + 1])
+        return dataclasses.replace(net, inputs={k: (1,) + tuple(v[1:])
+                                                for k, v in net.inputs.items()})
     folder, shape = NETS[name]
     return layerdiff.load_caffe(CORPUS / folder, shape=shape)
 
@@ -94,46 +109,91 @@ def _both(*plants: Callable) -> Callable:
     return plant
 
 
+def _graph(plant: Callable) -> Callable:
+    """A GraphPort of the net with ``plant`` applied under no_grad."""
+    def make(net):
+        port = GraphPort(net).eval()
+        with torch.no_grad():
+            plant(port)
+        return port
+    return make
+
+
+def _layers(**kw) -> Callable:
+    """test_probes_layers' LayerPort (pooling, LRN, concat, softmax choices) with changes."""
+    def make(net):
+        from test_probes_layers import LayerPort
+
+        args = {k: v() if k == "replace" else v for k, v in kw.items()}
+        return LayerPort(net, **args).eval()
+    return make
+
+
+def _within_channel_lrn_border() -> dict:
+    from test_probes_layers import WithinChannelLRN
+
+    return {"norm2": WithinChannelLRN(3, 5e-5, 0.75, count_include_pad=False)}
+
+
+def _flip_conv1(net, **kw):
+    port = _layers(**kw)(net)
+    with torch.no_grad():
+        port.conv1.weight.copy_(port.conv1.weight.flip(1).clone())
+    return port
+
+
 _flip = _weight("Convolution7", lambda w: w.flip(2, 3))
 _bgr = _weight("Convolution1", lambda w: w.flip(1))
 
-#: kind -> (net, plant): every planted-bug kind of the probe and audit tests
+#: kind -> (net, make(net) -> the buggy port): the planted-bug kinds of the probe and audit
+#: tests (tests/test_probes_*.py, tests/test_audit.py), single bugs and two bugs at two depths
 PLANTS: dict[str, tuple[str, Callable]] = {
-    "bn_scale_factor (undivided, every BN)": ("resnet20", _undivided),
-    "bn_scale_factor (divided twice)": ("resnet20", _divided_twice),
-    "bn_stats_swapped": ("resnet20", lambda p: _swap(p.BatchNorm5.running_mean,
-                                                     p.BatchNorm5.running_var)),
-    "bn_eps": ("resnet20", _eps),
-    "bn_affine_swapped": ("resnet20", lambda p: _swap(p.Scale19.weight, p.Scale19.bias)),
-    "bn_affine_missing": ("resnet20", _scale_missing),
-    "bn_params (stats + eps, one layer)": ("resnet20", _two_in_one_bn),
-    "conv_kernel_flipped": ("resnet20", _flip),
-    "conv_kernel_hw_transposed": ("resnet20", _weight("Convolution9",
-                                                      lambda w: w.transpose(2, 3))),
-    "conv_weight_transposed": ("resnet20", _weight("Convolution12",
-                                                   lambda w: w.transpose(0, 1))),
-    "bgr_rgb_first_conv": ("resnet20", _bgr),
-    "missing_bias (conv)": ("lenet", _drop_bias("conv2")),
-    "missing_bias (linear)": ("resnet20", _drop_bias("InnerProduct1.fc")),
-    "flatten_order": ("lenet", _flatten_hwc),
-    "pool_ceil_mode": ("lenet", _ceil),
-    "model_train_mode": ("resnet20", _train),
-    "two bugs: conv flip + missing bias": ("resnet20", _both(
-        _weight("Convolution3", lambda w: w.flip(2, 3)), _drop_bias("InnerProduct1.fc"))),
-    "two bugs: BGR conv1 + Scale swap": ("resnet20", _both(
-        _bgr, lambda p: _swap(p.Scale15.weight, p.Scale15.bias))),
-    "two bugs: eps + flatten order": ("lenet", _both(
-        _flatten_hwc, lambda p: p.conv1.__setattr__("padding", (0, 0)))),
+    "bn_scale_factor (undivided, every BN)": ("resnet20", _graph(_undivided)),
+    "bn_scale_factor (divided twice)": ("resnet20", _graph(_divided_twice)),
+    "bn_stats_swapped": ("resnet20", _graph(lambda p: _swap(p.BatchNorm5.running_mean,
+                                                            p.BatchNorm5.running_var))),
+    "bn_eps": ("resnet20", _graph(_eps)),
+    "bn_affine_swapped": ("resnet20", _graph(lambda p: _swap(p.Scale19.weight,
+                                                             p.Scale19.bias))),
+    "bn_affine_missing": ("resnet20", _graph(_scale_missing)),
+    "bn_params (stats + eps, one layer)": ("resnet20", _graph(_two_in_one_bn)),
+    "conv_kernel_flipped": ("resnet20", _graph(_flip)),
+    "conv_kernel_hw_transposed": ("resnet20", _graph(_weight("Convolution9",
+                                                             lambda w: w.transpose(2, 3)))),
+    "conv_weight_transposed": ("resnet20", _graph(_weight("Convolution12",
+                                                          lambda w: w.transpose(0, 1)))),
+    "bgr_rgb_first_conv": ("resnet20", _graph(_bgr)),
+    "bgr_rgb_first_conv (squeezenet)": ("squeezenet", _flip_conv1),
+    "missing_bias (conv)": ("lenet", _graph(_drop_bias("conv2"))),
+    "missing_bias (linear)": ("resnet20", _graph(_drop_bias("InnerProduct1.fc"))),
+    "flatten_order": ("lenet", _graph(_flatten_hwc)),
+    "pool_ceil_mode": ("squeezenet", _layers(replace=lambda: {"pool3": nn.MaxPool2d(3, 2)})),
+    "lrn_alpha_scaling": ("alexnet_head", _layers(replace=lambda: {
+        "norm1": nn.LocalResponseNorm(5, 1e-4 / 5, 0.75)})),
+    "lrn_border_divisor": ("cifar10_full", _layers(replace=_within_channel_lrn_border)),
+    "model_train_mode": ("resnet20", _graph(lambda p: p.train())),
+    "two bugs: conv flip + missing bias": ("resnet20", _graph(_both(
+        _weight("Convolution3", lambda w: w.flip(2, 3)), _drop_bias("InnerProduct1.fc")))),
+    "two bugs: BGR conv1 + Scale swap": ("resnet20", _graph(_both(
+        _bgr, lambda p: _swap(p.Scale15.weight, p.Scale15.bias)))),
+    "two bugs: missing bias + flatten order": ("lenet", _graph(_both(
+        _drop_bias("conv1"), _flatten_hwc))),
+}
+
+#: bugs no patch can fix safely (an op inside forward): listed as manual, exit 1
+MANUAL: dict[str, tuple[str, Callable]] = {
+    "inline_preprocessing": ("cifar10_full", _layers(before={"conv1": lambda x: (x.flip(1),)})),
+    "pool_padding_vs_ceil (functional)": ("squeezenet", _layers(calls={
+        "pool3": lambda x: torch.nn.functional.max_pool2d(x, 3, 2, 1)})),
+    "flipped conv1 + functional pool3": ("squeezenet", lambda net: _flip_conv1(net, calls={
+        "pool3": lambda x: torch.nn.functional.max_pool2d(x, 3, 2, 1)})),
 }
 
 
 def build_planted(kind: str) -> torch.nn.Module:
-    """The port of PLANTS[kind] (what the folder's model.py returns)."""
-    net_name, plant = PLANTS[kind]
-    port = GraphPort(load_net(net_name)).eval()
-    with torch.no_grad():
-        plant(port)
-    return port
+    """The port of PLANTS[kind] or MANUAL[kind] (what the folder's model.py returns)."""
+    net_name, make = {**PLANTS, **MANUAL}[kind]
+    return make(load_net(net_name))
 
 
 def write_port(folder: Path, kind: str) -> Path:
@@ -141,6 +201,6 @@ def write_port(folder: Path, kind: str) -> Path:
     folder.mkdir(parents=True)
     (folder / "model.py").write_text(
         f"import sys\nsys.path.insert(0, {str(TESTS)!r})\nfrom fix_ports import build_planted\n"
-        f"INPUT_SHAPE = {NETS[PLANTS[kind][0]][1]!r}\n\n\ndef build():\n"
+        "\n\ndef build():\n"
         f"    return build_planted({kind!r})\n")
     return folder

@@ -38,13 +38,22 @@ class Patch:
                               f'arrays["{key}"]).to(m.{leaf}).reshape(m.{leaf}.shape).clone()')
 
     def set_attr(self, path: str, attr: str, value: Any) -> None:
-        self.lines.append(f"{module_expr(path)}.{attr} = {value!r}")
+        self.lines.append(f"{module_expr(path)}.{attr} = {_literal(value)}")
 
     def attach(self, finding: Any) -> Any:
         """Put this patch on ``finding`` (returned) when it has anything to do."""
         if finding is not None and self.lines:
             finding.patch, finding.patch_arrays = self.code, self.arrays
         return finding
+
+
+def _literal(value: Any) -> str:
+    """``repr``, but a float read from a float32 field (Caffe's eps) as its short decimal."""
+    if isinstance(value, float) and float(np.float32(value)) == value:
+        short = float(f"{value:.7g}")
+        if np.float32(short) == np.float32(value):
+            return repr(short)
+    return repr(value)
 
 
 def module_expr(path: str) -> str:

@@ -1,0 +1,185 @@
+"""``--fix-out``: every planted bug with a proven fix is repaired into a port that passes; the
+candidate folder is never written; bugs without a safe patch are listed as manual (exit 1)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from cli_checks import cli_fails, snapshot
+from fix_ports import MANUAL, PLANTS, load_net, write_port
+from golden import CORPUS, require_shared
+
+import layerdiff
+from layerdiff.cli import main
+from layerdiff.fix import fix_port
+
+SPEC = "uniform:-1,1:3"
+
+
+def _repair(tmp_path, kind: str):
+    """(report before, outcome) of one planted port, asserting the candidate is untouched."""
+    net_name = {**PLANTS, **MANUAL}[kind][0]
+    cand = write_port(tmp_path / "cand", kind)
+    before = snapshot(cand)
+    report = layerdiff.compare(load_net(net_name), str(cand), SPEC)
+    outcome = fix_port(report, tmp_path / "fixed")
+    assert snapshot(cand) == before, "the candidate folder changed"
+    return report, outcome
+
+
+@pytest.mark.parametrize("kind", list(PLANTS))
+def test_planted_bug_is_repaired_and_passes(tmp_path, kind):
+    require_shared()
+    report, outcome = _repair(tmp_path, kind)
+    b, a = outcome.summaries()
+    print(f"\n| {kind} | {b.first_divergence} | {', '.join(x.level for x in outcome.applied)} "
+          f"| {'PASS' if a.passed else 'FAIL'} | {b.output_error:.3g} -> {a.output_error:.3g} |")
+    assert outcome.applied and not outcome.manual, [f.kind for f in outcome.manual]
+    assert outcome.after, [(r.pair.ref_name, r.metrics.max_abs) for r in outcome.after.failures]
+    assert not outcome.after.findings
+    out = outcome.out_dir
+    assert {"model.py", "weights.pt", "FIXES.md", "original"} <= {p.name for p in out.iterdir()}
+    notes = (out / "FIXES.md").read_text()
+    assert "The repaired port passes." in notes
+    for a in outcome.applied:
+        assert f"`{a.finding.kind}`" in notes and a.finding.fix in notes
+    # weights.pt is a plain weights-only state dict
+    sd = torch.load(out / "weights.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    if report:  # a passing comparison with a finding (train mode): the fix is still applied
+        assert outcome.applied[0].finding.kind == "model_train_mode"
+
+
+def test_code_level_fix_is_one_commented_line_per_patch(tmp_path):
+    require_shared()
+    _, outcome = _repair(tmp_path, "bn_eps")
+    [a] = outcome.applied
+    assert a.level == "code" and not a.weight_lines
+    src = (outcome.out_dir / "model.py").read_text()
+    assert "# bn_eps at BatchNorm2 <-> BatchNorm2\n" in src
+    assert 'model.get_submodule("BatchNorm2").eps = 1e-05' in src
+
+
+def test_weight_level_fix_changes_only_weights_pt(tmp_path):
+    require_shared()
+    _, outcome = _repair(tmp_path, "conv_kernel_flipped")
+    [a] = outcome.applied
+    assert a.level == "weights" and not a.code_lines
+    assert "pass  # no code-level fix" in (outcome.out_dir / "model.py").read_text()
+    want = torch.from_numpy(np.array(load_net("resnet20").layer("Convolution7").blobs[0].data))
+    got = torch.load(outcome.out_dir / "weights.pt", weights_only=True)["Convolution7.weight"]
+    assert torch.equal(got, want.reshape(got.shape).float())
+
+
+def test_no_safe_patch_is_listed_as_manual_and_exits_1(tmp_path, capsys):
+    require_shared()
+    cand = write_port(tmp_path / "cand", "inline_preprocessing")
+    before = snapshot(cand)
+    code = main(["compare", str(CORPUS / "cifar10_full"), str(cand), "--shape", "1,3,32,32",
+                 "--input", SPEC, "--summary-only", "--fix-out", str(tmp_path / "fixed")])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "manual: input_channel_order" in out and "nothing written" in out
+    assert not (tmp_path / "fixed").exists()
+    assert snapshot(cand) == before
+
+
+def test_manual_bug_listed_while_the_others_are_applied(tmp_path, capsys):
+    """A flipped conv1 (patched) and a functional pooling call (no patch): the conv is fixed,
+    the pooling is listed as manual, and the repaired port now first diverges there."""
+    require_shared()
+    report, outcome = _repair(tmp_path, "flipped conv1 + functional pool3")
+    assert report.first_divergence.pair.ref_name == "conv1"
+    assert [a.finding.kind for a in outcome.applied] == ["bgr_rgb_first_conv"]
+    assert [f.kind for f in outcome.manual] == ["pool_padding_vs_ceil"]
+    assert not outcome.passed
+    assert outcome.after.first_divergence.pair.ref_name == "pool3"
+    notes = (outcome.out_dir / "FIXES.md").read_text()
+    assert "still diverges" in notes and "Left to you" in notes and "pool_padding_vs_ceil" in notes
+
+
+def test_cli_real_resnet20_undivided_bn_stats_repaired(tmp_path):
+    """The real CIFAR ResNet-20 weights, a port that copied every BatchNorm's statistics
+    without dividing by blob 2: one real `layerdiff compare --fix-out` process repairs it."""
+    require_shared()
+    cand = write_port(tmp_path / "cand", "bn_scale_factor (undivided, every BN)")
+    before = snapshot(cand)
+    out = tmp_path / "fixed"
+    proc = subprocess.run(
+        [sys.executable, "-m", "layerdiff", "compare", str(CORPUS / "cifar10_resnet20_junyuseu"),
+         str(cand), "--shape", "1,3,32,32", "--input", SPEC, "--summary-only",
+         "--fix-out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = " ".join(re.sub(r"[\u2500-\u257f]", " ", proc.stdout).split())  # no box lines
+    assert "applied bn_scale_factor at BatchNorm1 <-> BatchNorm1 (weights)" in text
+    assert "1/93" in text and "after none 93/93" in text  # before / after rows
+    assert "PASS: the repaired port agrees with the reference" in text
+    assert snapshot(cand) == before
+    # DIR is an ordinary port folder: compare it on its own, it passes with no finding
+    again = layerdiff.compare(load_net("resnet20"), str(out), SPEC)
+    assert again and not again.findings
+    # 19 BatchNorms, each divided by its own blob 2 (999.98 after training)
+    sd = torch.load(out / "weights.pt", weights_only=True)
+    net = load_net("resnet20")
+    for name in ("BatchNorm1", "BatchNorm19"):
+        blobs = [np.asarray(b.data, np.float64) for b in net.layer(name).blobs]
+        want = blobs[0].reshape(-1) / blobs[2].reshape(-1)[0]
+        np.testing.assert_allclose(sd[f"{name}.running_mean"].numpy(), want, rtol=1e-6)
+
+
+def test_report_fix_api_returns_the_new_report(tmp_path):
+    require_shared()
+    cand = write_port(tmp_path / "cand", "missing_bias (conv)")
+    report = layerdiff.compare(load_net("lenet"), str(cand), SPEC)
+    assert not report
+    fixed = report.fix(tmp_path / "fixed")
+    assert fixed and fixed is not report and report.fixes.after is fixed
+    assert report.fixes.applied[0].level == "code"  # bias=None -> a new Parameter
+    assert "m.bias = torch.nn.Parameter" in (tmp_path / "fixed" / "model.py").read_text()
+
+
+def _failing_lenet(tmp_path):
+    cand = write_port(tmp_path / "cand", "flatten_order")
+    return cand, str(CORPUS / "lenet_mnist")
+
+
+def test_refuses_a_non_empty_out_dir_unless_forced(tmp_path, capsys):
+    require_shared()
+    cand, ref = _failing_lenet(tmp_path)
+    out = tmp_path / "fixed"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    cli_fails(capsys, ["compare", ref, cand, "--input", SPEC, "--fix-out", out],
+              "--fix-out", "not empty", "--force", untouched=tmp_path)
+    assert main(["compare", ref, str(cand), "--input", SPEC, "--summary-only", "--fix-out",
+                 str(out), "--force"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "FIXES.md").is_file()
+
+
+def test_refuses_out_dir_inside_the_candidate(tmp_path, capsys):
+    require_shared()
+    cand, ref = _failing_lenet(tmp_path)
+    cli_fails(capsys, ["compare", ref, cand, "--fix-out", cand / "fixed"], "overlaps",
+              untouched=cand)
+
+
+def test_refuses_a_saved_trace_and_an_archive(tmp_path, capsys):
+    require_shared()
+    report = layerdiff.compare(load_net("lenet"), str(_failing_lenet(tmp_path)[0]), SPEC,
+                               diagnose=False)
+    trace = tmp_path / "cand.npz"
+    report.candidate.save(trace)
+    ref = str(CORPUS / "lenet_mnist")
+    cli_fails(capsys, ["compare", ref, trace, "--fix-out", tmp_path / "o"],
+              "nothing to patch in a trace", untouched=tmp_path)
+    archive = tmp_path / "arch"
+    archive.mkdir()
+    torch.save(torch.nn.Linear(2, 2).state_dict(), archive / "port.pt")
+    cli_fails(capsys, ["compare", ref, archive, "--fix-out", tmp_path / "o"], "model.py",
+              untouched=tmp_path)
+    assert not (tmp_path / "o").exists()
