@@ -60,6 +60,7 @@ def test_demo_files(demo_run):
     page = (root / "report.html").read_text()
     assert "bn_conv1+scale_conv1" in page and 'class="first"' in page
     assert "The repaired port passes." in (root / "torch_port_fixed" / "FIXES.md").read_text()
+    assert "<h2>Fixes</h2>" in page and "the repaired port agrees" in page
 
 
 def test_demo_batchnorm_statistics_are_realistic(demo_run):

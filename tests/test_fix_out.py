@@ -141,6 +141,11 @@ def test_report_fix_api_returns_the_new_report(tmp_path):
     assert fixed and fixed is not report and report.fixes.after is fixed
     assert report.fixes.applied[0].level == "code"  # bias=None -> a new Parameter
     assert "m.bias = torch.nn.Parameter" in (tmp_path / "fixed" / "model.py").read_text()
+    from layerdiff.html import to_html
+
+    page = to_html(report)  # the HTML report of the comparison gets a fixes section
+    assert "<h2>Fixes</h2>" in page and "the repaired port agrees" in page
+    assert "missing_bias" in page and "m.bias = torch.nn.Parameter" in page
 
 
 def _failing_lenet(tmp_path):
