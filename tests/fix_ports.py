@@ -24,7 +24,8 @@ from torch import nn  # noqa: E402
 #: corpus nets (folder, input shape) and golden nets (batch 1 keeps every run fast)
 NETS = {"resnet20": ("cifar10_resnet20_junyuseu", (1, 3, 32, 32)), "lenet": ("lenet_mnist", None)}
 GOLDEN_NETS = {"squeezenet": ("squeezenet_v1.1", None), "cifar10_full": ("cifar10_full", None),
-               "alexnet_head": ("bvlc_alexnet", "pool2")}
+               "alexnet_head": ("bvlc_alexnet", "pool2"),
+               "mobilenet": ("cifar10_mobilenet_lijianfei", None)}
 S = 999.98236  # cifar10_resnet20_junyuseu's BatchNorm blob 2
 
 
@@ -142,6 +143,28 @@ def _flip_conv1(net, **kw):
     return port
 
 
+def _dense_depthwise(net):
+    """Convolution4 (Caffe group = 64) as a dense conv, its [64, 1, 3, 3] kernel broadcast by
+    copy_ over the 64 input channels (test_probes_conv's planted bug)."""
+    port = GraphPort(net).eval()
+    dw = port.Convolution4
+    dense = nn.Conv2d(64, 64, 3, dw.stride, dw.padding)
+    with torch.no_grad():
+        dense.weight.copy_(dw.weight)
+        dense.bias.copy_(dw.bias)
+    port.Convolution4 = dense
+    return port
+
+
+def _conv1_for(net, scale: float, flip: bool = False):
+    """conv1 converted for another input convention (RGB order, 0..1 pixels)."""
+    port = _layers()(net)
+    with torch.no_grad():
+        w = port.conv1.weight
+        port.conv1.weight.copy_((w.flip(1) if flip else w) * scale)
+    return port
+
+
 _flip = _weight("Convolution7", lambda w: w.flip(2, 3))
 _bgr = _weight("Convolution1", lambda w: w.flip(1))
 
@@ -172,6 +195,10 @@ PLANTS: dict[str, tuple[str, Callable]] = {
         "norm1": nn.LocalResponseNorm(5, 1e-4 / 5, 0.75)})),
     "lrn_border_divisor": ("cifar10_full", _layers(replace=_within_channel_lrn_border)),
     "model_train_mode": ("resnet20", _graph(lambda p: p.train())),
+    "conv_groups (depthwise written dense)": ("mobilenet", _dense_depthwise),
+    "input_scale (conv1 for 0..1 pixels)": ("squeezenet", lambda net: _conv1_for(net, 1 / 255)),
+    "input_channel_order + scale (conv1 for RGB 0..1)": (
+        "squeezenet", lambda net: _conv1_for(net, 1 / 255, flip=True)),
     "two bugs: conv flip + missing bias": ("resnet20", _graph(_both(
         _weight("Convolution3", lambda w: w.flip(2, 3)), _drop_bias("InnerProduct1.fc")))),
     "two bugs: BGR conv1 + Scale swap": ("resnet20", _graph(_both(

@@ -184,9 +184,10 @@ def input_convention(case: LayerCase) -> list[Finding] | None:
               f"{t.describe()} matches Caffe {case.pair.ref_name}")
         cause = (f"the port's first layer was converted for another input convention: it "
                  f"expects Caffe's input {t.describe()}")
-        out.append(finding(case, t.kind, cause, ev, _fix_text(t, case), fixed,
-                           "input_convention", reverse=t.reverse, scale=t.scale,
-                           shift=None if t.shift is None else t.shift.tolist()))
+        f = finding(case, t.kind, cause, ev, _fix_text(t, case), fixed, "input_convention",
+                    reverse=t.reverse, scale=t.scale,
+                    shift=None if t.shift is None else t.shift.tolist())
+        out.append(_weights_for_caffe_input(case, t, f))
         break
     else:
         folded = _mean_in_bias(case)
@@ -195,6 +196,33 @@ def input_convention(case: LayerCase) -> list[Finding] | None:
     if symmetric and not flipped_weights:  # the weights can tell, the run cannot
         out.append(_undecidable(case, x))
     return out or None
+
+
+def _weights_for_caffe_input(case: LayerCase, t: Transform, f: Finding) -> Finding:
+    """Attach the patch converting the first conv to Caffe's input convention: feeding it
+    ``x[:, ::-1] * s`` equals ``weight.flip(1) * s`` on ``x`` (zero padding included). A
+    shift is not (the border windows see the padding), so it gets no patch. Kept only when a
+    re-run of the converted conv on Caffe's own input passes."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from layerdiff.diagnose.probes.counterfactual import module_call
+
+    mods = case.cand_modules()
+    conv = mods[0] if mods else None
+    if t.shift is not None or not isinstance(conv, nn.Conv2d) or conv.groups != 1:
+        return f
+    trial = copy.deepcopy(conv)
+    with torch.no_grad():
+        w = trial.weight.flip(1) if t.reverse else trial.weight
+        trial.weight.copy_(w * t.scale)
+    rec = case.cand_records[0]
+    call = module_call(trial, rec.outputs[0], getattr(rec.handle, "device", None))
+    if check_fix(case, case.rerun(replace={0: call})) is None:
+        return f
+    return attach_module_patch(f, rec, conv, trial)
 
 
 def _mean_in_bias(case: LayerCase) -> Finding | None:
