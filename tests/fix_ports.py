@@ -30,7 +30,17 @@ S = 999.98236  # cifar10_resnet20_junyuseu's BatchNorm blob 2
 
 
 def load_net(name: str):
+    """A net by name; ``"NAME (LAYER use_global_stats: false)"``: NAME with that BatchNorm
+    normalising with batch statistics (a prototxt the port did not follow)."""
+    import copy
+
     import layerdiff
+
+    if " use_global_stats: false)" in name:
+        base, layer = name.split(" (", 1)
+        net = copy.deepcopy(load_net(base))
+        net.layer(layer.split()[0]).param.batch_norm_param.use_global_stats = False
+        return net
 
     if name in GOLDEN_NETS:
         folder, last = GOLDEN_NETS[name]
@@ -143,6 +153,12 @@ def _flip_conv1(net, **kw):
     return port
 
 
+def _cat_view() -> dict:
+    from test_probes_layers import CatView
+
+    return {"fire5/concat": CatView(2)}
+
+
 def _dense_depthwise(net):
     """Convolution4 (Caffe group = 64) as a dense conv, its [64, 1, 3, 3] kernel broadcast by
     copy_ over the 64 input channels (test_probes_conv's planted bug)."""
@@ -196,6 +212,10 @@ PLANTS: dict[str, tuple[str, Callable]] = {
     "lrn_border_divisor": ("cifar10_full", _layers(replace=_within_channel_lrn_border)),
     "model_train_mode": ("resnet20", _graph(lambda p: p.train())),
     "conv_groups (depthwise written dense)": ("mobilenet", _dense_depthwise),
+    "bn_use_global_stats_false": ("resnet20 (BatchNorm7 use_global_stats: false)",
+                                  _graph(lambda p: None)),
+    "softmax_axis": ("lenet", _layers(replace=lambda: {"prob": nn.Softmax(dim=0)})),
+    "concat_axis": ("squeezenet", _layers(replace=_cat_view)),
     "input_scale (conv1 for 0..1 pixels)": ("squeezenet", lambda net: _conv1_for(net, 1 / 255)),
     "input_channel_order + scale (conv1 for RGB 0..1)": (
         "squeezenet", lambda net: _conv1_for(net, 1 / 255, flip=True)),

@@ -631,7 +631,7 @@ def bn_global_stats(case: LayerCase) -> Finding | None:
     k = int(np.argmax(np.abs(bm - site.cand.mean) / np.sqrt(bv + site.cand.eps)))
     n = x.size // x.shape[1]
     bn = site.bn.layer.name
-    return _finding(
+    f = _finding(
         site, "bn_use_global_stats_false",
         f"Caffe {bn} has use_global_stats: false, so it normalises with the batch's own "
         f"mean and variance even at TEST; torch {site.path} (eval) uses its running statistics",
@@ -642,6 +642,11 @@ def bn_global_stats(case: LayerCase) -> Finding | None:
         f"{site.mref}.running_var = None  # batch statistics like Caffe (or, if the prototxt is "
         f"wrong, set use_global_stats: true in {bn})",
         res, "bn_global_stats")
+    p = Patch()  # batch statistics: what F.batch_norm does without running statistics
+    p.set_attr(site.path, "track_running_stats", False)
+    p.set_attr(site.path, "running_mean", None)
+    p.set_attr(site.path, "running_var", None)
+    return p.attach(f)
 
 
 def bn_site_possible(case: LayerCase) -> bool:
