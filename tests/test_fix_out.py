@@ -163,7 +163,8 @@ def test_refuses_a_non_empty_out_dir_unless_forced(tmp_path, capsys):
               "--fix-out", "not empty", "--force", untouched=tmp_path)
     assert main(["compare", ref, str(cand), "--input", SPEC, "--summary-only", "--fix-out",
                  str(out), "--force"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "FIXES.md").is_file()
+    assert (out / "FIXES.md").is_file()
+    assert (out / "keep.txt").read_text() == "mine"  # --force replaces only what a fix writes
 
 
 def test_refuses_out_dir_inside_the_candidate(tmp_path, capsys):

@@ -17,11 +17,13 @@ from layerdiff.fix.apply import AppliedFix
 ORIGINAL = "original"
 WEIGHTS = "weights.pt"
 ARRAYS = "fix_arrays.npz"
+#: everything --fix-out writes into DIR (all that --force replaces)
+OURS = (ORIGINAL, WEIGHTS, ARRAYS, "model.py", "FIXES.md")
 
 
 def check_out_dir(out: Path, candidate: Path, force: bool) -> None:
-    """Refuse, before any work, an output folder that is not new or empty (unless forced), or
-    one that would put files inside the candidate's folder."""
+    """Refuse, before any work, an output folder that is not new or empty (unless forced: then
+    only the files a fix writes are replaced), or one that overlaps the candidate's folder."""
     if out.exists() and not out.is_dir():
         raise LayerdiffError(f"--fix-out {out}: is a file; give a new or empty directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -51,9 +53,13 @@ def model_py(candidate: Path) -> Path:
 def write_port(out: Path, candidate: Path, model: nn.Module, applied: list[AppliedFix],
                force: bool) -> None:
     """Write DIR: copy of the candidate, weights.pt, model.py (FIXES.md is written later)."""
-    if out.is_dir() and force:
-        for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    if out.is_dir() and force:  # replace what a previous --fix-out wrote, nothing else
+        for name in OURS:
+            child = out / name
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            elif child.exists() or child.is_symlink():
+                child.unlink()
     out.mkdir(parents=True, exist_ok=True)
     src = model_py(candidate)
     shutil.copytree(candidate_folder(candidate), out / ORIGINAL,
