@@ -60,8 +60,8 @@ def check_fixable(candidate: Any, out_dir: str | Path, force: bool = False) -> N
         raise LayerdiffError(f"{cand}: nothing to patch in a trace (it holds recorded values, "
                              "not the model)")
     if framework not in _PORT_WRITERS:
-        raise LayerdiffError(f"{cand}: --fix-out cannot repair a {framework} candidate yet "
-                             f"(it repairs {', '.join(_PORT_WRITERS)} ports)")
+        raise LayerdiffError(f"{cand}: --fix-out cannot repair {framework} candidates yet "
+                             f"(it repairs {', '.join(_PORT_WRITERS)} ports written as model.py)")
     _PORT_WRITERS[framework].check(cand, Path(out_dir), force)
 
 

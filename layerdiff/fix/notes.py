@@ -65,7 +65,8 @@ def fixes_markdown(outcome: FixOutcome) -> str:
                 f"- the pair's error re-run with the fix: {_num(f.error_before)} -> "
                 f"{_num(f.error_after)}",
                 f"- applied as: {a.level} ("
-                + (f"{len(a.weight_lines)} tensor(s) in weights.pt" if a.weight_lines else "")
+                + (f"{len(a.weight_lines)} statement(s) baked into weights.pt" if a.weight_lines
+                   else "")
                 + ("; " if a.weight_lines and a.code_lines else "")
                 + (f"{len(a.code_lines)} line(s) in model.py" if a.code_lines else "")
                 + (f"{len(a.noop_lines)} statement(s) changed nothing" if a.level == "no change"
