@@ -188,4 +188,6 @@ def test_refuses_a_saved_trace_and_an_archive(tmp_path, capsys):
     torch.save(torch.nn.Linear(2, 2).state_dict(), archive / "port.pt")
     cli_fails(capsys, ["compare", ref, archive, "--fix-out", tmp_path / "o"], "model.py",
               untouched=tmp_path)
+    cli_fails(capsys, ["compare", ref, ref, "--fix-out", tmp_path / "o"],
+              "cannot repair caffe candidates", untouched=tmp_path)
     assert not (tmp_path / "o").exists()
