@@ -191,3 +191,23 @@ def test_refuses_a_saved_trace_and_an_archive(tmp_path, capsys):
     cli_fails(capsys, ["compare", ref, ref, "--fix-out", tmp_path / "o"],
               "cannot repair caffe candidates", untouched=tmp_path)
     assert not (tmp_path / "o").exists()
+
+
+def test_layering_fix_sits_above_comparator_and_diagnosis():
+    """layerdiff.fix imports the comparator and the diagnosis, never the reverse (Report.fix
+    imports it lazily, inside the method)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(layerdiff.__file__).parent
+    lower = [root / "comparator.py", root / "metrics.py", root / "trace.py",
+             *(root / "diagnose").rglob("*.py"), *(root / "align").rglob("*.py")]
+    for path in lower:
+        tree = ast.parse(path.read_text())
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = [a.name for n in top for a in n.names] + \
+            [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
+        assert not [n for n in names if n.startswith("layerdiff.fix")], path
+        if path.parent.name in ("diagnose", "probes"):
+            text = path.read_text()  # not even a lazy import in the diagnosis
+            assert "from layerdiff.fix" not in text and "import layerdiff.fix" not in text, path
