@@ -38,7 +38,7 @@ def test_planted_bug_is_repaired_and_passes(tmp_path, kind):
     report, outcome = _repair(tmp_path, kind)
     b, a = outcome.summaries()
     print(f"\n| {kind} | {b.first_divergence} | {', '.join(x.level for x in outcome.applied)} "
-          f"| {'PASS' if a.passed else 'FAIL'} | {b.output_error:.3g} -> {a.output_error:.3g} |")
+          f"| {'PASS' if a.passed else 'FAIL'} | {b.cells()[2]} -> {a.cells()[2]} |")
     assert outcome.applied and not outcome.manual, [f.kind for f in outcome.manual]
     assert outcome.after, [(r.pair.ref_name, r.metrics.max_abs) for r in outcome.after.failures]
     assert not outcome.after.findings
