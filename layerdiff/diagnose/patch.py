@@ -120,9 +120,9 @@ def merge_patch(winner: Any, other: Any) -> None:
     """``winner`` absorbs the patch of a finding it supersedes (the same cause, reported once):
     e.g. the weight audit's patch for every BatchNorm. Its own statements run last, so its
     values win where both set the same tensor."""
-    if not other.patch or other.patch == winner.patch:
+    mine = winner.patch.splitlines()
+    extra = [ln for ln in other.patch.splitlines() if ln not in mine]
+    if not extra:
         return
-    if winner.patch and other.patch in winner.patch:
-        return
-    winner.patch = f"{other.patch}\n{winner.patch}" if winner.patch else other.patch
+    winner.patch = "\n".join(extra + mine)
     winner.patch_arrays = {**other.patch_arrays, **winner.patch_arrays}

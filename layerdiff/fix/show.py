@@ -37,7 +37,9 @@ def show(outcome: FixOutcome, console: Console) -> None:
     for a in outcome.applied:
         f = a.finding
         where = f" at {f.layer}" if f.layer else ""
-        console.print(f"  applied {f.kind}{escape(where)} ({a.level})", soft_wrap=True)
+        n = len(a.weight_lines) + len(a.code_lines)
+        console.print(f"  applied {f.kind}{escape(where)} ({a.level}: {n} statement"
+                      f"{'s' if n != 1 else ''})", soft_wrap=True)
     _manual(outcome, console)
     before, after = outcome.summaries()
     table = Table(title="before / after the fixes", title_justify="left", header_style="bold")
