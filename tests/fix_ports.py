@@ -83,6 +83,12 @@ def _eps(p):
     p.BatchNorm2.eps = 1e-3
 
 
+def _eps_everywhere(p):
+    for m in p.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = 0.1
+
+
 def _two_in_one_bn(p):
     p.BatchNorm14.eps = 1e-3
     p.BatchNorm14.running_mean *= S
@@ -192,6 +198,7 @@ PLANTS: dict[str, tuple[str, Callable]] = {
     "bn_stats_swapped": ("resnet20", _graph(lambda p: _swap(p.BatchNorm5.running_mean,
                                                             p.BatchNorm5.running_var))),
     "bn_eps": ("resnet20", _graph(_eps)),
+    "bn_eps (every BN: fixed in rounds)": ("resnet20", _graph(_eps_everywhere)),
     "bn_affine_swapped": ("resnet20", _graph(lambda p: _swap(p.Scale19.weight,
                                                              p.Scale19.bias))),
     "bn_affine_missing": ("resnet20", _graph(_scale_missing)),

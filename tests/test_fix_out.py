@@ -37,8 +37,10 @@ def test_planted_bug_is_repaired_and_passes(tmp_path, kind):
     require_shared()
     report, outcome = _repair(tmp_path, kind)
     b, a = outcome.summaries()
-    print(f"\n| {kind} | {b.first_divergence} | {', '.join(x.level for x in outcome.applied)} "
-          f"| {'PASS' if a.passed else 'FAIL'} | {b.cells()[2]} -> {a.cells()[2]} |")
+    levels = ", ".join(sorted({x.level for x in outcome.applied}))
+    print(f"\n| {kind} | {b.first_divergence} | {len(outcome.applied)}: {levels} "
+          f"| {outcome.rounds} | {'PASS' if a.passed else 'FAIL'} | {b.cells()[2]} -> "
+          f"{a.cells()[2]} |")
     assert outcome.applied and not outcome.manual, [f.kind for f in outcome.manual]
     assert outcome.after, [(r.pair.ref_name, r.metrics.max_abs) for r in outcome.after.failures]
     assert not outcome.after.findings
@@ -51,6 +53,9 @@ def test_planted_bug_is_repaired_and_passes(tmp_path, kind):
     # weights.pt is a plain weights-only state dict
     sd = torch.load(out / "weights.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    if "rounds" in kind:  # more failing layers than one diagnosis probes
+        assert outcome.rounds > 1 and len(outcome.applied) > 8
+        assert f"It took {outcome.rounds} rounds" in notes
     if report:  # a passing comparison with a finding (train mode): the fix is still applied
         assert outcome.applied[0].finding.kind == "model_train_mode"
 

@@ -34,6 +34,8 @@ class FixOutcome:
     after: Report
     applied: list[AppliedFix] = field(default_factory=list)
     manual: list[Finding] = field(default_factory=list)
+    #: how many times DIR was written and compared (see fix_port)
+    rounds: int = 0
 
     @property
     def written(self) -> bool:
@@ -69,6 +71,9 @@ def fix_port(report: Report, out_dir: str | Path, *, force: bool = False,
              progress: Any = None) -> FixOutcome:
     """Repair ``report``'s candidate into ``out_dir`` and compare it again (see module doc).
 
+    The diagnosis probes the first failing layers only: when the repaired port still fails
+    and its comparison proves fixes for layers further on (the same eps mistake in every
+    BatchNorm), they join the others and DIR is written again, up to ``MAX_ROUNDS`` times.
     Nothing is written when no finding has a patch: the outcome's ``after`` is ``report``.
     """
     call = dict(report.call)
@@ -84,13 +89,29 @@ def fix_port(report: Report, out_dir: str | Path, *, force: bool = False,
 
         copts = call.get("cand_options") or ModelOptions()
         writer = _PORT_WRITERS[detect_framework(cand)]
-        outcome.applied = writer.write(cand, out, auto, copts, force)
         call.update(candidate=str(out), progress=progress,
                     cand_options=replace(copts, prototxt=None, weights=None))
-        outcome.after = compare(**call)
+        for rounds in range(1, MAX_ROUNDS + 1):
+            # every round rebuilds DIR from the user's candidate: patches set absolute values
+            outcome.applied = writer.write(cand, out, auto, copts, force or rounds > 1)
+            outcome.after, outcome.rounds = compare(**call), rounds
+            more, still_manual = patchable(auto + outcome.after.findings)
+            outcome.manual = _union(manual, still_manual)
+            if outcome.after or len(more) == len(auto):
+                break
+            auto = more
         (out / "FIXES.md").write_text(fixes_markdown(outcome))
     report.fixes = outcome
     return outcome
+
+
+#: repair rounds at most (each one compares again)
+MAX_ROUNDS = 4
+
+
+def _union(a: list[Finding], b: list[Finding]) -> list[Finding]:
+    seen = {(f.kind, f.layer) for f in a}
+    return a + [f for f in b if (f.kind, f.layer) not in seen]
 
 
 class _TorchPorts:

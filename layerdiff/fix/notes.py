@@ -52,7 +52,9 @@ def fixes_markdown(outcome: FixOutcome) -> str:
     out = [
         "# Fixes applied by layerdiff",
         "",
-        f"The repaired port {verdict}.",
+        f"The repaired port {verdict}."
+        + (f" It took {outcome.rounds} rounds: comparing the repaired port proved fixes for "
+           "layers the first diagnosis did not reach." if outcome.rounds > 1 else ""),
         "",
         "| | first divergence | layers agreeing | max error at the output |",
         "| --- | --- | --- | --- |",

@@ -40,6 +40,9 @@ def show(outcome: FixOutcome, console: Console) -> None:
         n = len(a.weight_lines) + len(a.code_lines)
         console.print(f"  applied {f.kind}{escape(where)} ({a.level}: {n} statement"
                       f"{'s' if n != 1 else ''})", soft_wrap=True)
+    if outcome.rounds > 1:
+        console.print(f"  ({outcome.rounds} rounds: comparing the repaired port proved fixes for "
+                      "layers the first diagnosis did not reach)")
     _manual(outcome, console)
     before, after = outcome.summaries()
     table = Table(title="before / after the fixes", title_justify="left", header_style="bold")
