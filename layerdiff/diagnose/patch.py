@@ -7,6 +7,7 @@ A patch sets absolute values (the tensors the counterfactual ran with), never re
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,8 @@ _PLAIN = (bool, int, float, str, type(None))
 class Patch:
     lines: list[str] = field(default_factory=list)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    #: a name that is not a Python identifier: no patch (the fix is left to the user)
+    unsafe: bool = False
 
     @property
     def code(self) -> str:
@@ -28,21 +31,24 @@ class Patch:
     def set_tensor(self, path: str, leaf: str, value: Any, new: bool = False) -> None:
         """``path.leaf`` := ``value``; ``new``: the module has no such tensor yet."""
         key = f"{path}.{leaf}" if path else leaf
+        self.unsafe |= not leaf.isidentifier()
         self.arrays[key] = np.array(_np(value))
         m = module_expr(path)
+        ref = array_ref(key)
         if new:
             self.lines.append(f"m = {m}; m.{leaf} = torch.nn.Parameter(torch.from_numpy("
-                              f'arrays["{key}"]).float())')
+                              f"{ref}).float())")
         else:
             self.lines.append(f"m = {m}; m.{leaf}.data = torch.from_numpy("
-                              f'arrays["{key}"]).to(m.{leaf}).reshape(m.{leaf}.shape).clone()')
+                              f"{ref}).to(m.{leaf}).reshape(m.{leaf}.shape).clone()")
 
     def set_attr(self, path: str, attr: str, value: Any) -> None:
+        self.unsafe |= not attr.isidentifier()
         self.lines.append(f"{module_expr(path)}.{attr} = {_literal(value)}")
 
     def attach(self, finding: Any) -> Any:
         """Put this patch on ``finding`` (returned) when it has anything to do."""
-        if finding is not None and self.lines:
+        if finding is not None and self.lines and not self.unsafe:
             finding.patch, finding.patch_arrays = self.code, self.arrays
         return finding
 
@@ -57,8 +63,13 @@ def _literal(value: Any) -> str:
 
 
 def module_expr(path: str) -> str:
-    """Python naming a submodule of ``model``."""
-    return f'model.get_submodule("{path}")' if path not in ("", "(root)") else "model"
+    """Python naming a submodule of ``model`` (the path quoted as a string literal)."""
+    return f"model.get_submodule({json.dumps(path)})" if path not in ("", "(root)") else "model"
+
+
+def array_ref(key: str) -> str:
+    """Python naming one of a patch's arrays."""
+    return f"arrays[{json.dumps(key)}]"
 
 
 def _np(value: Any) -> np.ndarray:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from layerdiff.diagnose.patch import array_ref
 from layerdiff.errors import LayerdiffError
 from layerdiff.fix.apply import AppliedFix
 
@@ -70,7 +71,7 @@ def write_port(out: Path, candidate: Path, model: nn.Module, applied: list[Appli
     for a in applied:
         for line in a.code_lines:
             for key, value in a.finding.patch_arrays.items():
-                if f'arrays["{key}"]' in line:
+                if array_ref(key) in line:
                     arrays[key] = np.asarray(value)
     if arrays:
         np.savez(out / ARRAYS, **arrays)
