@@ -217,3 +217,39 @@ def test_layering_fix_sits_above_comparator_and_diagnosis():
         if path.parent.name in ("diagnose", "probes"):
             text = path.read_text()  # not even a lazy import in the diagnosis
             assert "from layerdiff.fix" not in text and "import layerdiff.fix" not in text, path
+
+
+def test_patch_statements_are_sorted_by_what_they_change():
+    """Tensor values only -> weight-level; attributes, mode, new parameters -> code-level; a
+    repeated statement changes nothing the second time it is counted against."""
+    from torch import nn
+
+    from layerdiff.diagnose.finding import Finding
+    from layerdiff.diagnose.patch import Patch, module_patch
+    from layerdiff.fix.apply import apply_patches, patchable
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))
+    fixed = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, eps=1e-3))
+    fixed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        fixed[0].weight.copy_(model[0].weight.flip(2, 3))
+        fixed[0].bias = nn.Parameter(torch.ones(4))
+        fixed[1].running_mean.fill_(2.0)
+    conv, bn = module_patch("0", model[0], fixed[0]), module_patch("1", model[1], fixed[1])
+    f1 = conv.attach(Finding("conv_kernel_flipped", "a", "c", "e", "fix"))
+    f2 = bn.attach(Finding("bn_eps", "b", "c", "e", "fix"))
+    f3 = Finding("model_train_mode", "", "c", "e", "model.eval()", patch="model.eval()")
+    manual = Finding("concat_order", "d", "c", "e", "torch.cat([b, a])")
+    auto, left = patchable([f1, f2, f3, manual, f2])
+    assert auto == [f1, f2, f3] and left == [manual]
+    done = apply_patches(model, auto)
+    assert [a.level for a in done] == ["code+weights", "code+weights", "code"]
+    assert len(done[0].weight_lines) == 1 and "bias" in done[0].code_lines[0]
+    assert "eps = 0.001" in done[1].code_lines[0] and "running_mean" in done[1].weight_lines[0]
+    assert torch.equal(model[0].weight, fixed[0].weight) and model[1].eps == 1e-3
+    assert not model.training
+    # the JSON form names the arrays, never holds them
+    assert f1.to_dict()["patch_arrays"] == ["0.bias", "0.weight"]
+    unsafe = Patch()
+    unsafe.set_attr("x", "not an identifier", 1)
+    assert unsafe.attach(Finding("k", "l", "c", "e", "fix")).patch == ""
