@@ -79,18 +79,30 @@ def _np(value: Any) -> np.ndarray:
 
 
 def module_patch(path: str, before: Any, after: Any) -> Patch | None:
-    """The patch turning module ``before`` (the candidate's) into ``after`` (the fixed copy a
-    counterfactual ran), or None when it would need more than tensors and plain attributes
-    (another class, other submodules)."""
-    import torch
-
-    if type(before) is not type(after) or set(dict(before.named_children())) != \
-            set(dict(after.named_children())):
+    """The patch turning module ``before`` (the candidate's, at ``path``) into ``after`` (the
+    fixed copy a counterfactual ran), submodules included, or None when it would need more
+    than tensors and plain attributes (another class, other submodules)."""
+    before_mods = dict(before.named_modules())
+    after_mods = dict(after.named_modules())
+    if set(before_mods) != set(after_mods):
         return None
     p = Patch()
-    skip = {"_parameters", "_buffers", "_modules"}
+    for name, new in after_mods.items():
+        old = before_mods[name]
+        if type(old) is not type(new):
+            return None
+        where = ".".join(x for x in (path if path != "(root)" else "", name) if x)
+        if not _one_module(p, where, old, new):
+            return None
+    return p
+
+
+def _one_module(p: Patch, path: str, before: Any, after: Any) -> bool:
+    """Add to ``p`` what differs in one module's own attributes and tensors."""
+    import torch
+
     for k, v in vars(after).items():
-        if k in skip or k.startswith("_") or k == "training":
+        if k.startswith("_") or k == "training":
             continue
         old = getattr(before, k, None)
         if _is_plain(v) and _is_plain(old) and v != old:
@@ -102,11 +114,11 @@ def module_patch(path: str, before: Any, after: Any) -> Patch | None:
         have = old_t.get(k)
         if have is None or tuple(have.shape) != tuple(t.shape):
             if not isinstance(t, torch.nn.Parameter):
-                return None
+                return False
             p.set_tensor(path, k, t, new=True)
         elif not torch.equal(have.detach().cpu(), t.detach().cpu().to(have.dtype)):
             p.set_tensor(path, k, t)
-    return p
+    return True
 
 
 def _is_plain(v: Any) -> bool:
