@@ -48,4 +48,13 @@ def compare(
     return report
 
 
+def _fix_port(report: Report, out_dir: str | Path, force: bool = False) -> Any:
+    from layerdiff.fix import fix_port
+
+    return fix_port(report, out_dir, force=force)
+
+
+# ``report.fix(dir)``: the verdict's Report may not import the fix package (it sits above it).
+Report.fixer = _fix_port
+
 __all__ = ["compare"]

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one layer's whole analysis (reference or candidate name)")
     p.add_argument("--repro", metavar="DIR",
                    help="write the first diverging layer as a standalone reproduction")
+    p.add_argument("--fix-out", metavar="DIR",
+                   help="write the candidate with every proven fix applied to DIR (new or "
+                        "empty; --force to reuse), compare it again, exit 0 if it passes")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("align", help="print how the layers of two models pair up")
@@ -316,6 +319,10 @@ def cmd_compare(args) -> int:
     if args.repro and Path(args.repro).exists() and (
             not Path(args.repro).is_dir() or any(Path(args.repro).iterdir())):
         raise LayerdiffError(f"{args.repro}: exists and is not an empty directory; choose another")
+    if args.fix_out:
+        from layerdiff.fix import check_fixable
+
+        check_fixable(args.candidate, args.fix_out, args.force)
     bar, progress = progress_bar(err)
     with bar:
         report = compare(
@@ -331,6 +338,11 @@ def cmd_compare(args) -> int:
         out.print(explain(report, args.explain))
     else:
         render(report, out, all_rows=not args.summary_only)
+    code = 0 if report else 1
+    if args.fix_out:
+        from layerdiff.fix.show import fix_and_show
+
+        code = fix_and_show(report, args.fix_out, args.force, out, lambda: progress_bar(err))
     if args.repro:
         from layerdiff.diagnose.repro import write_repro
 
@@ -342,7 +354,7 @@ def cmd_compare(args) -> int:
         from layerdiff.html import write_html
 
         out.print(f"wrote {write_html(report, args.html, args.force)}")
-    return 0 if report else 1
+    return code
 
 
 def cmd_align(args) -> int:

@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -146,6 +146,12 @@ class Report:
     coverage: Coverage = field(default_factory=Coverage)
     #: findings the diagnosis tried and rejected, one line each (shown under --explain)
     ruled_out: list[Any] = field(default_factory=list)
+    #: how compare() was called (sources and keyword options), so the port can be re-compared
+    call: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: what ``fix`` did (a layerdiff.fix.FixOutcome), when it ran
+    fixes: Any = None
+    #: set by the face (layerdiff.api): writes the repaired port; the verdict never imports it
+    fixer: ClassVar[Callable[..., Any] | None] = None
 
     def __bool__(self) -> bool:
         return bool(self.results) and all(r.passed for r in self.results) and \
@@ -177,6 +183,13 @@ class Report:
         if not scored:
             return self.failures[0] if self.failures else None
         return max(scored, key=lambda r: r.metrics.scaled_error())
+
+    def fix(self, out_dir: str | Path, force: bool = False) -> Report:
+        """Write the candidate with every proven fix applied to ``out_dir`` and compare it
+        again; returns that new Report (see layerdiff.fix)."""
+        if Report.fixer is None:
+            raise LayerdiffError("report.fix needs the layerdiff package face: import layerdiff")
+        return Report.fixer(self, out_dir, force=force).after
 
     def to_frame(self):
         """One row per aligned pair (pandas DataFrame)."""
@@ -219,6 +232,9 @@ def compare(
     """
     from layerdiff.sources import ModelOptions
 
+    call = {"reference": reference, "candidate": candidate, "input": input, "atol": atol,
+            "rtol": rtol, "map": map, "noise_floor": noise_floor, "fail_fast": fail_fast,
+            "ref_options": ref_options, "cand_options": cand_options}
     ropts = ref_options or ModelOptions()
     copts = cand_options or ModelOptions()
     mf = map if isinstance(map, MapFile) or map is None else load_mapfile(map)
@@ -285,7 +301,7 @@ def compare(
     cover = coverage(alignment, ref_trace, cand_trace)
     notes.extend(cover.notes())
     return Report(results, alignment, ref_trace, cand_trace, opts, notes, stopped,
-                  coverage=cover)
+                  coverage=cover, call=call)
 
 
 def local_error(pair: Pair, ref: Trace) -> Metrics | None:

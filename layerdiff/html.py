@@ -88,6 +88,7 @@ def to_html(report: Report, title: str | None = None) -> str:
         f'<p class="meta">{" &middot; ".join(meta)}</p>',
         f'<div class="card summary"><p>{verdict}</p>{_summary(report)}</div>',
         _findings(report),
+        _fixes(report),
         "<h2>Error by layer depth</h2>", chart_svg(report), _legend(report),
         "<h2>Layer by layer</h2>", _table(report),
         f'<p class="note">written by {escape(_version())}</p>',
@@ -183,6 +184,42 @@ def _findings(report: Report) -> str:
                             if m.explained is not None else "") + "</li>" for m in more)
                + "</ul></details>" if more else "")
             + "</div>")
+    return "\n".join(out)
+
+
+def _fixes(report: Report) -> str:
+    """What ``--fix-out`` did (report.fixes): before/after, each applied patch, manual ones."""
+    outcome = report.fixes
+    if outcome is None:
+        return ""
+    out = ["<h2>Fixes</h2>"]
+    if not outcome.written:
+        out.append(f'<div class="card">Nothing written to <code>{escape(str(outcome.out_dir))}'
+                   "</code>: no finding has a safe automatic fix.</div>")
+    else:
+        before, after = outcome.summaries()
+        verdict = ('<span class="verdict pass">PASS</span>the repaired port agrees' if after.passed
+                   else '<span class="verdict fail">DIVERGENCE</span>the repaired port still '
+                        "diverges")
+        rows = "".join(f"<tr><td>{name}</td>" + "".join(f"<td>{escape(c)}</td>" for c in s.cells())
+                       + "</tr>" for name, s in (("before", before), ("after", after)))
+        out.append(f'<div class="card"><p>{verdict}: written to '
+                   f"<code>{escape(str(outcome.out_dir))}</code> (FIXES.md)</p><table><tr><th>"
+                   "</th><th>first divergence</th><th>layers agreeing</th><th>max error at the "
+                   f"output</th></tr>{rows}</table></div>")
+        for a in outcome.applied:
+            f = a.finding
+            layer = f" at <b>{escape(f.layer)}</b>" if f.layer else ""
+            out.append(f'<div class="card finding"><h3>{escape(f.kind)}{layer}<span class="kind">'
+                       f'{escape(a.level)}</span></h3><pre class="fix">'
+                       f"{escape(chr(10).join(a.weight_lines + a.code_lines) or f.patch)}"
+                       "</pre></div>")
+    if outcome.manual:
+        out.append('<div class="card"><p>Left to you (no safe automatic patch):</p><ul>'
+                   + "".join(f"<li><b>{escape(f.kind)}</b>"
+                             + (f" at {escape(f.layer)}" if f.layer else "")
+                             + f": <code>{escape(str(f.fix))}</code></li>"
+                             for f in outcome.manual) + "</ul></div>")
     return "\n".join(out)
 
 

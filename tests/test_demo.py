@@ -31,7 +31,12 @@ def test_demo_tells_the_story(demo_run):
     assert code == 0, text
     assert re.search(r"1 +│ bn_conv1\+scale_conv1 +│ bn1 .*FIRST DIVERGENCE", text), text
     assert "DIVERGENCE: 1 of 174 aligned layers agree" in text
-    assert "PASS: 174 of 174 aligned layers agree" in text
+    # step 3: --fix-out repairs the port and the repaired port passes
+    # all 53 BatchNorms (mean and var), not only the diagnosed ones
+    assert "applied bn_scale_factor at bn_conv1+scale_conv1 <-> bn1 (weights: 106 statements)" \
+        in text
+    assert "PASS: the repaired port agrees with the reference (174 aligned layers)" in text
+    assert re.search(r"after +│ none +│ 174/174", text), text
     assert "as expected" in text and re.search(r"demo wall time \d+\.\ds", text)
     # the diagnosis says why, with the fix
     assert "bn_scale_factor" in text and "999.98" in text
@@ -39,19 +44,23 @@ def test_demo_tells_the_story(demo_run):
     # how to rerun each step by hand, and where the files are
     assert f"cd {root}" in text
     assert "layerdiff compare caffe_resnet50 torch_port --input uniform:-1,1:0" in text
-    assert "layerdiff compare caffe_resnet50 torch_port_fixed --input uniform:-1,1:0" in text
+    assert ("layerdiff compare caffe_resnet50 torch_port --input uniform:-1,1:0 --fix-out "
+            "torch_port_fixed --force") in text
 
 
 def test_demo_files(demo_run):
     _, _, root = demo_run
     for rel in ("caffe_resnet50/deploy.prototxt", "caffe_resnet50/resnet50.caffemodel",
                 "torch_port/model.py", "torch_port/weights.pt", "torch_port_fixed/model.py",
-                "torch_port_fixed/weights.pt", "report.html"):
+                "torch_port_fixed/weights.pt", "torch_port_fixed/FIXES.md",
+                "torch_port_fixed/original/model.py", "report.html"):
         assert (root / rel).is_file(), rel
     # the port's model.py is standalone: torch only, no layerdiff import
     assert "layerdiff" not in (root / "torch_port" / "model.py").read_text().split('"""')[2]
     page = (root / "report.html").read_text()
     assert "bn_conv1+scale_conv1" in page and 'class="first"' in page
+    assert "The repaired port passes." in (root / "torch_port_fixed" / "FIXES.md").read_text()
+    assert "<h2>Fixes</h2>" in page and "the repaired port agrees" in page
 
 
 def test_demo_batchnorm_statistics_are_realistic(demo_run):

@@ -5,7 +5,7 @@ BatchNorm statistics are measured on the demo input) and a torchvision-style PyT
 it whose weight converter copied the BatchNorm running statistics without dividing by Caffe's
 moving-average scale factor (the third BatchNorm blob, 999.98). ``compare`` finds the first
 divergence at the first BatchNorm group (``bn_conv1``/``scale_conv1`` <-> ``bn1``) and the
-diagnosis says why; the fixed port then passes.
+diagnosis says why; ``--fix-out`` then writes the repaired port and it passes.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ class Scenario:
     caffe: Path
     #: the buggy torch port: model.py + weights.pt
     port: Path
-    #: the same port with the converter fixed
+    #: where ``--fix-out`` writes the repaired port (not built: the demo repairs into it)
     fixed: Path
     input: str = INPUT
 
 
 def build_scenario(root: str | Path, size: int = 224, seed: int = 0) -> Scenario:
-    """Write the Caffe model and both torch ports into ``root`` (new or empty)."""
+    """Write the Caffe model and the buggy torch port into ``root`` (new or empty)."""
     import numpy as np
     import torch
 
@@ -67,16 +67,16 @@ def build_scenario(root: str | Path, size: int = 224, seed: int = 0) -> Scenario
     write_caffemodel(sc.caffe / "resnet50.caffemodel", weights,
                      {lay.name: lay.type for lay in net.layers})
     model_py = Path(__file__).with_name("torch_resnet50.py").read_text()
-    for folder, divide in ((sc.port, False), (sc.fixed, True)):
-        folder.mkdir()
-        (folder / "model.py").write_text(model_py)
-        # The eps is Caffe's default 1e-5, torch's too: the state_dict is the whole port.
-        torch.save(resnet50_state_dict(net, divide_bn=divide), folder / "weights.pt")
+    sc.port.mkdir()
+    (sc.port / "model.py").write_text(model_py)
+    # The eps is Caffe's default 1e-5, torch's too: the state_dict is the whole port.
+    torch.save(resnet50_state_dict(net, divide_bn=False), sc.port / "weights.pt")
     return sc
 
 
 def run_demo(keep: str | Path | None = None, console: Console | None = None) -> int:
-    """Build the scenario, compare the buggy port, then the fixed one. 0 when it went as told."""
+    """Build the scenario, compare the buggy port, repair it with ``--fix-out`` and compare
+    the repaired port. 0 when it went as told."""
     console = console or Console(highlight=False)
     t0 = time.perf_counter()
     tmp = None
@@ -118,7 +118,6 @@ def _run(root: Path, kept: bool, console: Console, t0: float) -> int:
                   f"copied the BatchNorm\n"
                   f"                      running mean/var as stored, not divided by the third "
                   f"blob\n"
-                  f"  torch_port_fixed/   the same port, converted with the division\n"
                   f"  [dim]({time.perf_counter() - t:.1f}s)[/]\n")
 
     html = sc.root / "report.html"
@@ -127,38 +126,40 @@ def _run(root: Path, kept: bool, console: Console, t0: float) -> int:
     console.print(f"[bold]2/3[/] [cyan]$ {cmd_bad}[/]")
     t = time.perf_counter()
     bad = _compare(sc.caffe, sc.port, sc.input)
-    write_html(bad, html, title="layerdiff demo: Caffe ResNet-50 vs the buggy torch port")
     console.print(_head_table(bad))
     _summary(bad, console)
     console.print(f"  [dim]({time.perf_counter() - t:.1f}s; the full table: run the command "
                   "by hand or open report.html)[/]\n")
 
-    cmd_fixed = f"layerdiff compare caffe_resnet50 torch_port_fixed --input {sc.input}"
-    console.print(f"[bold]3/3[/] the port with the fix: [cyan]$ {cmd_fixed}[/]")
+    cmd_fixed = (f"layerdiff compare caffe_resnet50 torch_port --input {sc.input} "
+                 f"--fix-out torch_port_fixed")
+    console.print(f"[bold]3/3[/] apply the proven fix and compare again: [cyan]$ {cmd_fixed}[/]")
     t = time.perf_counter()
-    fixed = _compare(sc.caffe, sc.fixed, sc.input)
-    _summary(fixed, console)
-    console.print(f"  [dim]({time.perf_counter() - t:.1f}s)[/]\n")
+    outcome = _repair(bad, sc.fixed, console)
+    write_html(bad, html, title="layerdiff demo: Caffe ResNet-50 vs the buggy torch port")
+    console.print(f"  [dim]({time.perf_counter() - t:.1f}s; torch_port_fixed/FIXES.md says what "
+                  "changed)[/]\n")
+    fixed = outcome.after
 
     fd = bad.first_divergence
     where = (fd.pair.ref_name, fd.pair.cand_name) if fd is not None else None
-    ok = not bad and where == EXPECTED_FIRST and bool(fixed)
+    ok = not bad and where == EXPECTED_FIRST and outcome.written and bool(fixed)
     total = time.perf_counter() - t0
     if kept:
         console.print(f"files kept in [bold]{sc.root}[/] (report.html: the HTML report). "
                       "Rerun each step by hand:")
         console.print(f"  cd {sc.root}\n"
                       f"  layerdiff inspect caffe_resnet50        # the model and its port traps\n"
-                      f"  {cmd_bad} --force\n  {cmd_fixed}\n"
+                      f"  {cmd_bad} --force\n  {cmd_fixed} --force\n"
                       f"  layerdiff align caffe_resnet50 torch_port   # how the names paired")
     else:
         console.print("files removed; [bold]layerdiff demo --keep DIR[/] keeps them (and the "
                       "HTML report) to rerun each step by hand:")
         console.print(f"  layerdiff demo --keep DIR && cd DIR\n  {cmd_bad} --force\n"
-                      f"  {cmd_fixed}")
+                      f"  {cmd_fixed} --force")
     verdict = ("[green]as expected[/]: the first divergence is the first BatchNorm group and "
-               "the fixed port passes" if ok else
-               f"[red]unexpected[/]: first divergence {where}, fixed port "
+               "the repaired port passes" if ok else
+               f"[red]unexpected[/]: first divergence {where}, repaired port "
                f"{'passes' if fixed else 'fails'}")
     console.print(f"\n{verdict} (demo wall time {total:.1f}s)")
     return 0 if ok else 1
@@ -172,6 +173,19 @@ def _compare(ref: Path, cand: Path, spec: str):
     bar, progress = progress_bar(Console(stderr=True, highlight=False))
     with bar:
         return compare(str(ref), str(cand), spec, progress=progress)
+
+
+def _repair(report, out: Path, console: Console):
+    """``--fix-out`` as the command runs it: repair, compare again, print before/after."""
+    from layerdiff.fix import fix_port
+    from layerdiff.fix.show import show
+    from layerdiff.progress import progress_bar
+
+    bar, progress = progress_bar(Console(stderr=True, highlight=False))
+    with bar:
+        outcome = fix_port(report, out, progress=progress)
+    show(outcome, console)
+    return outcome
 
 
 def _summary(report, console: Console) -> None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from layerdiff.diagnose.case import LayerCase
 from layerdiff.diagnose.finding import Finding
+from layerdiff.diagnose.patch import merge_patch
 from layerdiff.diagnose.probes import all_probes
 from layerdiff.diagnose.probes.counterfactual import MIN_EXPLAINED, fix_tolerance
 from layerdiff.rerun import reference_inputs
@@ -170,6 +171,7 @@ def _rank(findings: list[Finding], where: dict[str, LayerCase],
         if pos < 1 << 30 and (pos, f.kind) in best:
             winner = best[(pos, f.kind)]
             more = f.data.get("layers") or []
+            merge_patch(winner, f)
             if len(more) > 1 and "layers" not in winner.data:  # e.g. the audit saw it everywhere
                 winner.data["layers"] = more
                 winner.evidence = (f"{winner.evidence.rstrip('. ')}. The {f.probe or 'probe'} "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 
@@ -26,6 +26,11 @@ class Finding:
     #: which probe produced it
     probe: str = ""
     data: dict[str, Any] = field(default_factory=dict)
+    #: the fix as executable Python over a variable ``model`` (names ``torch``, ``np`` and
+    #: ``arrays`` in scope), or "" when no safe automatic patch exists (see layerdiff.fix)
+    patch: str = ""
+    #: values the patch copies in, by name (``arrays["..."]``)
+    patch_arrays: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def score(self) -> float:
@@ -33,7 +38,9 @@ class Finding:
         return -1.0 if self.explained is None else self.explained
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(replace(self, patch_arrays={}))
+        out["patch_arrays"] = sorted(self.patch_arrays)  # names only: the JSON stays small
+        return out
 
 
 def group_findings(findings: list) -> list[tuple]:

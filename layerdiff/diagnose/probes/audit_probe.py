@@ -33,6 +33,7 @@ from layerdiff.diagnose.audit import (
 )
 from layerdiff.diagnose.case import LayerCase
 from layerdiff.diagnose.finding import Finding
+from layerdiff.diagnose.patch import Patch
 from layerdiff.diagnose.probes import probe
 from layerdiff.diagnose.probes.counterfactual import Fixed, check_fix
 
@@ -134,10 +135,33 @@ def _finding(report: Any, status: str, checks: list[BlobCheck],
         cause += f" -> torch {first.module or '(root)'}"
     if len(layers) > 1:
         cause += f" and {len(layers) - 1} more layer(s)"
-    return Finding(status, where, cause, evidence, _fix(status, first, lay, len(layers) > 1),
-                   explained, before, after, NAME,
-                   {"layers": layers, "tensors": [c.torch_name for c in checks],
-                    **({"label": True} if label else {})})
+    f = Finding(status, where, cause, evidence, _fix(status, first, lay, len(layers) > 1),
+                explained, before, after, NAME,
+                {"layers": layers, "tensors": [c.torch_name for c in checks],
+                 **({"label": True} if label else {})})
+    return _patch(checks, by_name).attach(f) if explained is not None and not label else f
+
+
+def _patch(checks: list[BlobCheck], by_name: dict[str, RefLayer]) -> Patch:
+    """Every named tensor set to the correct form of its Caffe blob (the values ``_measure``
+    proves on the first layer), in every layer the finding covers."""
+    p = Patch()
+    for c in checks:
+        lay = by_name[c.layer]
+        roles = ROLES.get(lay.type) or ()
+        if c.module is None:
+            continue
+        for k in _blobs_to_fix(c, lay):
+            leaf = roles[k] if k < len(roles) and roles[k] else \
+                (c.torch_name or "").rsplit(".", 1)[-1]
+            if not leaf or k >= len(lay.blobs):
+                continue
+            value = np.asarray(forms(lay, k)[0].fn(np.asarray(lay.blobs[k])))
+            if c.status == "missing_bias":
+                p.set_tensor(c.module, leaf, value.reshape(-1), new=True)
+            else:
+                p.set_tensor(c.module, leaf, value)
+    return p
 
 
 def _measure(case: LayerCase, checks: list[BlobCheck],

@@ -22,6 +22,7 @@ import numpy as np
 
 from layerdiff.diagnose.case import LayerCase
 from layerdiff.diagnose.finding import Finding
+from layerdiff.diagnose.patch import Patch
 from layerdiff.diagnose.probes import probe
 from layerdiff.diagnose.probes.counterfactual import Fixed, check_fix
 from layerdiff.metrics import measure
@@ -340,11 +341,30 @@ def _run(site: BNSite, p: BNParams) -> np.ndarray | None:
 
 
 def _finding(site: BNSite, kind: str, cause: str, evidence: str, fix: str,
-             res: Fixed, probe_name: str, **data: Any) -> Finding:
+             res: Fixed, probe_name: str, fixed: BNParams | None = None,
+             **data: Any) -> Finding:
     before, after, frac = res.before, res.after, res.explained
     evidence += f"; re-run with the fix: max error {before:.4g} -> {after:.3g}"
-    return Finding(kind, site.case.name, cause, evidence, fix, frac, before, after, probe_name,
-                   data)
+    f = Finding(kind, site.case.name, cause, evidence, fix, frac, before, after, probe_name,
+                data)
+    return f if fixed is None else _bn_patch(site, fixed).attach(f)
+
+
+def _bn_patch(site: BNSite, fixed: BNParams) -> Patch:
+    """The module's tensors/eps set to the numbers the re-run used (only those that differ)."""
+    p, have, m = Patch(), site.cand, site.module
+    if not (np.array_equal(have.mean, fixed.mean) and np.array_equal(have.var, fixed.var)):
+        p.set_tensor(site.path, "running_mean", fixed.mean)
+        p.set_tensor(site.path, "running_var", fixed.var)
+    if have.eps != fixed.eps:
+        p.set_attr(site.path, "eps", float(fixed.eps))
+    if not (np.array_equal(have.gamma, fixed.gamma) and np.array_equal(have.beta, fixed.beta)):
+        new = getattr(m, "weight", None) is None
+        p.set_tensor(site.path, "weight", fixed.gamma, new=new)
+        p.set_tensor(site.path, "bias", fixed.beta, new=new)
+        if new and hasattr(m, "affine"):
+            p.set_attr(site.path, "affine", True)
+    return p
 
 
 # -- the component stories ------------------------------------------------------------------------
@@ -530,7 +550,7 @@ def _single(case: LayerCase, component: str, name: str) -> Finding | None:
     if res is None:
         return None
     kind, cause, evidence, fix = _story(site, component)
-    return _finding(site, kind, cause, evidence, fix, res, name, component=component)
+    return _finding(site, kind, cause, evidence, fix, res, name, fixed, component=component)
 
 
 # -- the probes ---------------------------------------------------------------------------------
@@ -578,7 +598,8 @@ def bn_params(case: LayerCase) -> Finding | None:
     return _finding(site, "bn_params", f"{len(stories)} things are wrong in torch {site.path}: "
                     + "; ".join(st[1] for st in stories),
                     " | ".join(st[2] for st in stories), "; ".join(st[3] for st in stories),
-                    res, "bn_params", components=list(diffs), kinds=[st[0] for st in stories])
+                    res, "bn_params", allfix, components=list(diffs),
+                    kinds=[st[0] for st in stories])
 
 
 @probe("bn_global_stats")
@@ -598,7 +619,7 @@ def bn_global_stats(case: LayerCase) -> Finding | None:
     k = int(np.argmax(np.abs(bm - site.cand.mean) / np.sqrt(bv + site.cand.eps)))
     n = x.size // x.shape[1]
     bn = site.bn.layer.name
-    return _finding(
+    f = _finding(
         site, "bn_use_global_stats_false",
         f"Caffe {bn} has use_global_stats: false, so it normalises with the batch's own "
         f"mean and variance even at TEST; torch {site.path} (eval) uses its running statistics",
@@ -609,6 +630,11 @@ def bn_global_stats(case: LayerCase) -> Finding | None:
         f"{site.mref}.running_var = None  # batch statistics like Caffe (or, if the prototxt is "
         f"wrong, set use_global_stats: true in {bn})",
         res, "bn_global_stats")
+    p = Patch()  # batch statistics: what F.batch_norm does without running statistics
+    p.set_attr(site.path, "track_running_stats", False)
+    p.set_attr(site.path, "running_mean", None)
+    p.set_attr(site.path, "running_var", None)
+    return p.attach(f)
 
 
 def bn_site_possible(case: LayerCase) -> bool:
@@ -658,6 +684,11 @@ def _scale_only(case: LayerCase) -> Finding | None:
     kind, cause, evidence, fix = _affine_story(path, module_ref(path), scale, gamma, beta, hg,
                                                hb)
     before, after, frac = res.before, res.after, res.explained
-    return Finding(kind, case.name, cause,
-                   evidence + f"; re-run with the fix: max error {before:.4g} -> {after:.3g}",
-                   fix, frac, before, after, "bn_affine", {"component": "affine"})
+    f = Finding(kind, case.name, cause,
+                evidence + f"; re-run with the fix: max error {before:.4g} -> {after:.3g}",
+                fix, frac, before, after, "bn_affine", {"component": "affine"})
+    p = Patch()
+    p.set_tensor(path, "weight", gamma)
+    if has_bias or hb is not None:
+        p.set_tensor(path, "bias", beta, new=getattr(module, "bias", None) is None)
+    return p.attach(f)

@@ -32,6 +32,7 @@ from layerdiff.diagnose.audit import (
 )
 from layerdiff.diagnose.case import LayerCase
 from layerdiff.diagnose.finding import Finding
+from layerdiff.diagnose.patch import module_patch
 from layerdiff.diagnose.probes import probe
 from layerdiff.diagnose.probes.counterfactual import Fixed, check_fix
 
@@ -91,13 +92,15 @@ def _site(case: LayerCase, ref_types: set[str], torch_types: tuple[str, ...]) ->
 
 
 def _finding(site: Site, kind: str, cause: str, ev: str, fix: str,
-             imp: Fixed, probe_name: str) -> Finding | None:
+             imp: Fixed, probe_name: str, fixed: Any = None) -> Finding | None:
     if reported(site.case.report, kind, site.case.name):
         return None  # the weight audit said it already, with the same re-run
     before, after, frac = imp.before, imp.after, imp.explained
     ev += f"; re-run with the fix: {imp.numbers()} (tolerance {site.case.tolerance:.3g})"
-    return Finding(kind, site.case.name, cause, ev, fix, frac, before, after, probe_name,
-                   {"module": site.path, "caffe_layer": site.rec.name})
+    f = Finding(kind, site.case.name, cause, ev, fix, frac, before, after, probe_name,
+                {"module": site.path, "caffe_layer": site.rec.name})
+    patch = module_patch(site.path, site.module, fixed) if fixed is not None else None
+    return patch.attach(f) if patch is not None else f
 
 
 # -- weight layout ---------------------------------------------------------------------------
@@ -147,7 +150,7 @@ def conv_weight_layout(case: LayerCase) -> Finding | None:
             continue
         return _finding(site, kind, f"{TRANSFORMS[kind]}: torch {site.path or '(root)'} vs "
                         f"Caffe {site.rec.name}", _layout_evidence(site, kind, w), f"m = "
-                        f"{site.handle}; {fix}", imp, "conv_weight_layout")
+                        f"{site.handle}; {fix}", imp, "conv_weight_layout", fixed)
     return None
 
 
@@ -221,7 +224,7 @@ def conv_groups(case: LayerCase) -> Finding | None:
            f" groups={g}, bias={bias}))  # then copy Caffe {site.rec.name} blob0 "
            f"{list(w.shape)} into its weight")
     return _finding(site, "conv_groups", f"torch {site.path} uses groups={mod.groups} where "
-                    f"Caffe {site.rec.name} has group={g}", ev, fix, imp, "conv_groups")
+                    f"Caffe {site.rec.name} has group={g}", ev, fix, imp, "conv_groups", new)
 
 
 # -- missing bias -----------------------------------------------------------------------------
@@ -258,4 +261,4 @@ def missing_bias(case: LayerCase) -> Finding | None:
     fix = (f'm = {site.handle}; m.bias = torch.nn.Parameter(torch.from_numpy(caffe_blobs'
            f'["{site.rec.name}"][1]))  # or build it with bias=True and copy blob1')
     return _finding(site, "missing_bias", f"{TRANSFORMS['missing_bias']}: torch {site.path} "
-                    f"drops Caffe {site.rec.name}'s bias", ev, fix, imp, "missing_bias")
+                    f"drops Caffe {site.rec.name}'s bias", ev, fix, imp, "missing_bias", fixed)

@@ -23,6 +23,7 @@ import numpy as np
 
 from layerdiff.diagnose.case import LayerCase
 from layerdiff.diagnose.finding import Finding
+from layerdiff.diagnose.patch import attach_module_patch
 from layerdiff.diagnose.probes import probe
 from layerdiff.diagnose.probes.counterfactual import (
     already_reported,
@@ -93,9 +94,10 @@ def softmax_axis(case: LayerCase) -> Finding | None:
     ev = (f"Caffe {case.pair.ref_name} normalises over axis {axis} (size {shape[axis]}) of a "
           f"{list(shape)} input; torch {rec.name} uses dim={shown}, i.e. axis {dim} (size "
           f"{shape[dim] if dim < len(shape) else '?'}){what}; re-run with dim={axis} matches")
-    return finding(case, "softmax_axis", f"the torch softmax normalises over axis {dim} instead "
-                   f"of Caffe's axis {axis}", ev, spelled, fixed, "softmax_axis",
-                   caffe_axis=axis, torch_axis=dim)
+    f = finding(case, "softmax_axis", f"the torch softmax normalises over axis {dim} instead "
+                f"of Caffe's axis {axis}", ev, spelled, fixed, "softmax_axis",
+                caffe_axis=axis, torch_axis=dim)
+    return attach_module_patch(f, rec, mods[pos], trial) if mods[pos] is not None else f
 
 
 # -- concat axis -------------------------------------------------------------------------------
@@ -143,9 +145,10 @@ def concat_axis(case: LayerCase) -> Finding | None:
           f"{list(case.ref_output.shape)}; torch {rec.name} joins along dim={dim} "
           f"({list(np.shape(case.local_output)) if case.local_output is not None else '?'}); "
           f"re-run with dim={axis} matches")
-    return finding(case, "concat_axis", f"the torch concatenation joins along axis "
-                   f"{_norm_axis(dim, ndim)} instead of Caffe's axis {axis}", ev, spelled, fixed,
-                   "concat_axis", caffe_axis=axis, torch_axis=dim)
+    f = finding(case, "concat_axis", f"the torch concatenation joins along axis "
+                f"{_norm_axis(dim, ndim)} instead of Caffe's axis {axis}", ev, spelled, fixed,
+                "concat_axis", caffe_axis=axis, torch_axis=dim)
+    return attach_module_patch(f, rec, mods[pos], trial) if mods[pos] is not None else f
 
 
 # -- flatten order: weight columns -------------------------------------------------------------
@@ -223,10 +226,11 @@ def flatten_order(case: LayerCase) -> Finding | None:
               f"order; torch {rec.name}.weight ({lin.weight.shape[0]}x{lin.weight.shape[1]}) "
               f"columns are in ({', '.join(name)}) order: re-run with the columns permuted "
               f"back to (C, H, W) matches")
-        return finding(case, "flatten_order", f"the torch Linear's weight columns follow a "
-                       f"({', '.join(name)}) flatten; Caffe flattens (C, H, W)", ev,
-                       _weight_code(rec.name, chw, order, lin.weight.shape[0], True), fixed,
-                       "flatten_order", order=name)
+        f = finding(case, "flatten_order", f"the torch Linear's weight columns follow a "
+                    f"({', '.join(name)}) flatten; Caffe flattens (C, H, W)", ev,
+                    _weight_code(rec.name, chw, order, lin.weight.shape[0], True), fixed,
+                    "flatten_order", order=name)
+        return attach_module_patch(f, rec, lin, trial)
     return None
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from layerdiff.diagnose.case import LayerCase
 from layerdiff.diagnose.finding import Finding
+from layerdiff.diagnose.patch import attach_module_patch
 from layerdiff.diagnose.probes import probe
 from layerdiff.diagnose.probes.counterfactual import (
     caffe_layer,
@@ -213,8 +214,9 @@ def lrn_parameters(case: LayerCase) -> Finding | None:
                 ev = (f"{_caffe_text(case, lrn)}; torch {rec.name}.{attr} = {_fmt(old)} "
                       f"({type(mod).__name__}){fit}; a copy with {attr} {how}{shown} re-run on "
                       "Caffe's input matches")
-                return finding(case, kind, cause, ev, f"{rec.name}.{attr} = {_fmt(value)}",
-                               fixed, "lrn_parameters", attribute=attr, value=value)
+                f = finding(case, kind, cause, ev, f"{rec.name}.{attr} = {_fmt(value)}",
+                            fixed, "lrn_parameters", attribute=attr, value=value)
+                return attach_module_patch(f, rec, mod, trial)
     elif op is not None:
         a = {n: v for n, v in zip(_LRN_ARGS, rec.handle.args, strict=False)}
         a.update(rec.handle.kwargs)

@@ -20,6 +20,7 @@ import numpy as np
 
 from layerdiff.diagnose.case import LayerCase
 from layerdiff.diagnose.finding import Finding
+from layerdiff.diagnose.patch import Patch
 from layerdiff.diagnose.probes import probe
 from layerdiff.diagnose.probes.counterfactual import (
     Fixed,
@@ -223,6 +224,30 @@ def _report(case: LayerCase, caffe: PoolSetting, cand: PoolSetting, trial: PoolS
           f"{where} = {cand.code()} outputs {cand_hw} ({cand_formula}); {trial.code()} re-run "
           "on Caffe's input matches")
     kind = _KINDS.get(tuple(sorted(changed)), "pool_geometry")
-    return finding(case, kind, _cause(changed, caffe, cand), ev,
-                   f"{case.pair.cand_name} = {trial.code()}", fixed, "pooling_geometry",
-                   changed=list(changed), caffe_out=[ch, cw])
+    f = finding(case, kind, _cause(changed, caffe, cand), ev,
+                f"{case.pair.cand_name} = {trial.code()}", fixed, "pooling_geometry",
+                changed=list(changed), caffe_out=[ch, cw])
+    return _patch(case, changed, trial).attach(f)
+
+
+def _patch(case: LayerCase, changed: tuple[str, ...], trial: PoolSetting) -> Patch:
+    """Caffe's settings on the torch pooling module (none for a functional pooling call: the
+    call sits in forward, which no patch can edit safely)."""
+    p = Patch()
+    found = cand_module(case, nn_pool_types())
+    if found is None:
+        return p
+    pos, _ = found
+    rec = case.cand_records[pos]
+    path = rec.attrs.get("module") or getattr(rec.handle, "module", None)
+    if path is None:
+        return p
+    for f in changed:
+        p.set_attr(path, f, getattr(trial, f))
+    return p
+
+
+def nn_pool_types() -> tuple[type, ...]:
+    from torch import nn
+
+    return (nn.MaxPool2d, nn.AvgPool2d)

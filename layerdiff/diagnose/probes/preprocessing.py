@@ -26,6 +26,7 @@ import numpy as np
 
 from layerdiff.diagnose.case import LayerCase
 from layerdiff.diagnose.finding import Finding
+from layerdiff.diagnose.patch import attach_module_patch
 from layerdiff.diagnose.probes import probe
 from layerdiff.diagnose.probes.counterfactual import already_reported, check_fix, finding
 from layerdiff.diagnose.probes.layout import fed_otherwise, unaligned_between
@@ -183,9 +184,10 @@ def input_convention(case: LayerCase) -> list[Finding] | None:
               f"{t.describe()} matches Caffe {case.pair.ref_name}")
         cause = (f"the port's first layer was converted for another input convention: it "
                  f"expects Caffe's input {t.describe()}")
-        out.append(finding(case, t.kind, cause, ev, _fix_text(t, case), fixed,
-                           "input_convention", reverse=t.reverse, scale=t.scale,
-                           shift=None if t.shift is None else t.shift.tolist()))
+        f = finding(case, t.kind, cause, ev, _fix_text(t, case), fixed, "input_convention",
+                    reverse=t.reverse, scale=t.scale,
+                    shift=None if t.shift is None else t.shift.tolist())
+        out.append(_weights_for_caffe_input(case, t, f))
         break
     else:
         folded = _mean_in_bias(case)
@@ -194,6 +196,33 @@ def input_convention(case: LayerCase) -> list[Finding] | None:
     if symmetric and not flipped_weights:  # the weights can tell, the run cannot
         out.append(_undecidable(case, x))
     return out or None
+
+
+def _weights_for_caffe_input(case: LayerCase, t: Transform, f: Finding) -> Finding:
+    """Attach the patch converting the first conv to Caffe's input convention: feeding it
+    ``x[:, ::-1] * s`` equals ``weight.flip(1) * s`` on ``x`` (zero padding included). A
+    shift is not (the border windows see the padding), so it gets no patch. Kept only when a
+    re-run of the converted conv on Caffe's own input passes."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from layerdiff.diagnose.probes.counterfactual import module_call
+
+    mods = case.cand_modules()
+    conv = mods[0] if mods else None
+    if t.shift is not None or not isinstance(conv, nn.Conv2d) or conv.groups != 1:
+        return f
+    trial = copy.deepcopy(conv)
+    with torch.no_grad():
+        w = trial.weight.flip(1) if t.reverse else trial.weight
+        trial.weight.copy_(w * t.scale)
+    rec = case.cand_records[0]
+    call = module_call(trial, rec.outputs[0], getattr(rec.handle, "device", None))
+    if check_fix(case, case.rerun(replace={0: call})) is None:
+        return f
+    return attach_module_patch(f, rec, conv, trial)
 
 
 def _mean_in_bias(case: LayerCase) -> Finding | None:
@@ -230,11 +259,12 @@ def _mean_in_bias(case: LayerCase) -> Finding | None:
     ev = (f"the error of torch {name} is constant per output channel and equals "
           f"{name}.weight summed over its kernel times {_vec(mean)}; a copy with that added back "
           f"to {name}.bias matches Caffe {case.pair.ref_name}")
-    return finding(case, "input_mean", f"the port subtracts the per-channel mean {_vec(mean)} "
-                   f"inside {name}'s bias: it expects raw input where Caffe expects the mean "
-                   "already subtracted", ev, f"{name}.bias.data += {name}.weight.data.sum((2, 3))"
-                   f" @ torch.tensor({[round(float(v), 4) for v in mean]})", fixed,
-                   "input_convention", mean=mean.tolist())
+    f = finding(case, "input_mean", f"the port subtracts the per-channel mean {_vec(mean)} "
+                f"inside {name}'s bias: it expects raw input where Caffe expects the mean "
+                "already subtracted", ev, f"{name}.bias.data += {name}.weight.data.sum((2, 3))"
+                f" @ torch.tensor({[round(float(v), 4) for v in mean]})", fixed,
+                "input_convention", mean=mean.tolist())
+    return attach_module_patch(f, rec, conv, trial)
 
 
 def _undecidable(case: LayerCase, x: np.ndarray) -> Finding:

@@ -129,7 +129,8 @@ def train_mode_layer(case: LayerCase) -> Finding | None:
     evidence += f"; re-run in eval(): max error {before:.4g} -> {after:.3g}"
     return Finding("layer_train_mode", case.name, cause, evidence,
                    f"model.eval()  # before inference (at least {ref}.eval())", frac, before,
-                   after, "train_mode_layer", {"module": path, "layer_kind": kind})
+                   after, "train_mode_layer", {"module": path, "layer_kind": kind},
+                   patch="model.eval()")
 
 
 @probe("train_mode", model_wide=True)
@@ -170,7 +171,7 @@ def train_mode(report: Any) -> Finding | None:
         "eval() before comparing, so inference code that does not call model.eval() will not "
         "reproduce these results",
         evidence, "model.eval()  # before inference", None, None, None, "train_mode",
-        {"modules": [rec.attrs["module"] for rec, _, _ in sites]})
+        {"modules": [rec.attrs["module"] for rec, _, _ in sites]}, patch="model.eval()")
 
 
 def _train_effects(sites: list[tuple[Any, Any, str]]) -> list[str]:

@@ -1,0 +1,148 @@
+"""``--fix-out DIR``: write the candidate with every proven fix applied, and prove it passes.
+
+1. copy the candidate into DIR (the user's folder is only read);
+2. load the candidate fresh and run each finding's patch (``Finding.patch``, set by the probes
+   whose counterfactual proved it); tensor-only statements go into DIR/weights.pt, the others
+   into DIR/model.py, which builds the original model and patches it in place;
+3. compare the reference with DIR again; 4. DIR/FIXES.md says what changed and what it did.
+
+Findings without a patch (an op inside forward, a precision choice) are listed as manual.
+This package sits above the comparator and the diagnosis and imports them, never the reverse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from layerdiff.comparator import Report, compare
+from layerdiff.diagnose import diagnose
+from layerdiff.diagnose.finding import Finding
+from layerdiff.errors import LayerdiffError
+from layerdiff.fix.apply import AppliedFix, apply_patches, patchable
+from layerdiff.fix.notes import Summary, fixes_markdown, summarise
+
+__all__ = ["AppliedFix", "FixOutcome", "Summary", "check_fixable", "fix_port"]
+
+
+@dataclass
+class FixOutcome:
+    """What ``--fix-out`` did: the fixes applied, those left to the user, and both reports."""
+
+    out_dir: Path
+    before: Report
+    after: Report
+    applied: list[AppliedFix] = field(default_factory=list)
+    manual: list[Finding] = field(default_factory=list)
+    #: how many times DIR was written and compared (see fix_port)
+    rounds: int = 0
+
+    @property
+    def written(self) -> bool:
+        return bool(self.applied)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.after)
+
+    def summaries(self) -> tuple[Summary, Summary]:
+        return summarise(self.before), summarise(self.after)
+
+
+def check_fixable(candidate: Any, out_dir: str | Path, force: bool = False) -> None:
+    """Refuse, before any comparison runs, what ``--fix-out`` cannot do (one line each)."""
+    if not isinstance(candidate, (str, Path)):
+        raise LayerdiffError("--fix-out needs the candidate as a path (a torch port folder "
+                             f"with model.py), not a {type(candidate).__name__}")
+    from layerdiff.sources import detect_framework
+
+    cand = Path(candidate)
+    framework = detect_framework(cand)
+    if framework == "trace":
+        raise LayerdiffError(f"{cand}: nothing to patch in a trace (it holds recorded values, "
+                             "not the model)")
+    if framework not in _PORT_WRITERS:
+        raise LayerdiffError(f"{cand}: --fix-out cannot repair {framework} candidates yet "
+                             f"(it repairs {', '.join(_PORT_WRITERS)} ports written as model.py)")
+    _PORT_WRITERS[framework].check(cand, Path(out_dir), force)
+
+
+def fix_port(report: Report, out_dir: str | Path, *, force: bool = False,
+             progress: Any = None) -> FixOutcome:
+    """Repair ``report``'s candidate into ``out_dir`` and compare it again (see module doc).
+
+    The diagnosis probes the first failing layers only: when the repaired port still fails
+    and its comparison proves fixes for layers further on (the same eps mistake in every
+    BatchNorm), they join the others and DIR is written again, up to ``MAX_ROUNDS`` times.
+    Nothing is written when no finding has a patch: the outcome's ``after`` is ``report``.
+    """
+    call = dict(report.call)
+    if not call:
+        raise LayerdiffError("this report was not made by layerdiff.compare: nothing to re-run")
+    out = Path(out_dir)
+    check_fixable(call["candidate"], out, force)
+    cand = Path(call["candidate"])
+    auto, manual = patchable(report.findings)
+    outcome = FixOutcome(out, report, report, manual=manual)
+    if auto:
+        from layerdiff.sources import ModelOptions, detect_framework
+
+        copts = call.get("cand_options") or ModelOptions()
+        writer = _PORT_WRITERS[detect_framework(cand)]
+        call.update(candidate=str(out), progress=progress,
+                    cand_options=replace(copts, prototxt=None, weights=None))
+        for rounds in range(1, MAX_ROUNDS + 1):
+            # every round rebuilds DIR from the user's candidate: patches set absolute values
+            outcome.applied = writer.write(cand, out, auto, copts, force or rounds > 1)
+            outcome.after, outcome.rounds = _compare_and_diagnose(call), rounds
+            more, still_manual = patchable(auto + outcome.after.findings)
+            outcome.manual = _union(manual, still_manual)
+            if outcome.after or len(more) == len(auto):
+                break
+            auto = more
+        (out / "FIXES.md").write_text(fixes_markdown(outcome))
+    report.fixes = outcome
+    return outcome
+
+
+def _compare_and_diagnose(call: dict[str, Any]) -> Report:
+    report = compare(**call)
+    diagnose(report)
+    return report
+
+
+#: repair rounds at most (each one compares again)
+MAX_ROUNDS = 4
+
+
+def _union(a: list[Finding], b: list[Finding]) -> list[Finding]:
+    seen = {(f.kind, f.layer) for f in a}
+    return a + [f for f in b if (f.kind, f.layer) not in seen]
+
+
+class _TorchPorts:
+    """model.py ports: load fresh, patch, write DIR (layerdiff.fix.folder)."""
+
+    @staticmethod
+    def check(cand: Path, out: Path, force: bool) -> None:
+        from layerdiff.fix.folder import check_out_dir, model_py
+
+        model_py(cand)
+        check_out_dir(out, cand, force)
+
+    @staticmethod
+    def write(cand: Path, out: Path, findings: list[Finding], opts: Any,
+              force: bool) -> list[AppliedFix]:
+        from layerdiff.adapters.torch import load_torch
+        from layerdiff.fix.folder import write_port
+
+        model = load_torch(cand, trust_pickle=opts.trust_pickle, weights=opts.weights)
+        applied = apply_patches(model, findings)
+        write_port(out, cand, model, applied, force)
+        return applied
+
+
+#: one writer per candidate framework; an ONNX writer (initializers, attributes via the onnx
+#: API) plugs in here with the same check/write pair
+_PORT_WRITERS: dict[str, Any] = {"torch": _TorchPorts}

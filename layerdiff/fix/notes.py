@@ -1,0 +1,87 @@
+"""Before/after in numbers, and DIR/FIXES.md."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from layerdiff.comparator import Report
+    from layerdiff.fix import FixOutcome
+
+
+@dataclass
+class Summary:
+    """One comparison in three numbers: where it first diverges, how many layers agree, and the
+    error at the output (the last aligned pair)."""
+
+    passed: bool
+    first_divergence: str
+    agreeing: int
+    layers: int
+    output_error: float
+    #: output elements NaN/Inf on one side only (the max error covers the finite ones)
+    output_nonfinite: int = 0
+
+    def cells(self) -> tuple[str, str, str]:
+        err = "nan" if math.isnan(self.output_error) else f"{self.output_error:.3g}"
+        if self.output_nonfinite:
+            err += f" (+{self.output_nonfinite} NaN/Inf on one side)"
+        return (self.first_divergence, f"{self.agreeing}/{self.layers}", err)
+
+
+def summarise(report: Report) -> Summary:
+    fd = report.first_divergence
+    where = f"{fd.pair.ref_name} <-> {fd.pair.cand_name}" if fd else "none"
+    if fd is None and not report:
+        where = "none (inherited error only)"
+    last = report.results[-1].metrics if report.results else None
+    return Summary(bool(report), where, sum(r.passed for r in report.results),
+                   len(report.results), math.nan if last is None else last.max_abs,
+                   0 if last is None else int(last.nan_mismatch + last.inf_mismatch))
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def fixes_markdown(outcome: FixOutcome) -> str:
+    before, after = outcome.summaries()
+    verdict = "passes" if after.passed else "still diverges"
+    out = [
+        "# Fixes applied by layerdiff",
+        "",
+        f"The repaired port {verdict}."
+        + (f" It took {outcome.rounds} rounds: comparing the repaired port proved fixes for "
+           "layers the first diagnosis did not reach." if outcome.rounds > 1 else ""),
+        "",
+        "| | first divergence | layers agreeing | max error at the output |",
+        "| --- | --- | --- | --- |",
+        "| before | {} | {} | {} |".format(*before.cells()),
+        "| after | {} | {} | {} |".format(*after.cells()),
+        "",
+        "`model.py` builds the original port (`original/`, unchanged) and applies the "
+        "code-level fixes; `weights.pt` holds all weights with the weight-level fixes.",
+        "",
+    ]
+    for i, a in enumerate(outcome.applied, 1):
+        f = a.finding
+        out += [f"## {i}. `{f.kind}`" + (f" at {f.layer}" if f.layer else ""), "",
+                f"- cause: {f.cause}", f"- evidence: {f.evidence}",
+                f"- the pair's error re-run with the fix: {_num(f.error_before)} -> "
+                f"{_num(f.error_after)}",
+                f"- applied as: {a.level} ("
+                + (f"{len(a.weight_lines)} statement(s) baked into weights.pt" if a.weight_lines
+                   else "")
+                + ("; " if a.weight_lines and a.code_lines else "")
+                + (f"{len(a.code_lines)} line(s) in model.py" if a.code_lines else "")
+                + (f"{len(a.noop_lines)} statement(s) changed nothing" if a.level == "no change"
+                   else "") + ")",
+                "", "For your own conversion script:", "", "```python", f.fix, "```", ""]
+    if outcome.manual:
+        out += ["## Left to you (no safe automatic patch)", ""]
+        out += [f"- `{f.kind}`" + (f" at {f.layer}" if f.layer else "") + f": {f.cause}. "
+                f"Fix: `{f.fix}`" for f in outcome.manual]
+        out.append("")
+    return "\n".join(out)
