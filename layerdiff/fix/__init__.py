@@ -12,7 +12,7 @@ This package sits above the comparator and the diagnosis and imports them, never
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,33 +21,10 @@ from layerdiff.diagnose import diagnose
 from layerdiff.diagnose.finding import Finding
 from layerdiff.errors import LayerdiffError
 from layerdiff.fix.apply import AppliedFix, apply_patches, patchable
-from layerdiff.fix.notes import Summary, fixes_markdown, summarise
+from layerdiff.fix.notes import fixes_markdown
+from layerdiff.fix.outcome import FixOutcome, Summary
 
 __all__ = ["AppliedFix", "FixOutcome", "Summary", "check_fixable", "fix_port"]
-
-
-@dataclass
-class FixOutcome:
-    """What ``--fix-out`` did: the fixes applied, those left to the user, and both reports."""
-
-    out_dir: Path
-    before: Report
-    after: Report
-    applied: list[AppliedFix] = field(default_factory=list)
-    manual: list[Finding] = field(default_factory=list)
-    #: how many times DIR was written and compared (see fix_port)
-    rounds: int = 0
-
-    @property
-    def written(self) -> bool:
-        return bool(self.applied)
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.after)
-
-    def summaries(self) -> tuple[Summary, Summary]:
-        return summarise(self.before), summarise(self.after)
 
 
 def check_fixable(candidate: Any, out_dir: str | Path, force: bool = False) -> None:
