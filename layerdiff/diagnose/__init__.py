@@ -60,6 +60,12 @@ def diagnose(report: Report, max_layers: int = 8) -> list[Finding]:
     if not targets:
         fd = report.first_divergence
         targets = [c for c in cases if c.result is fd]
+    # The first pair failing end to end whose feeders pass, when it is right on its own: the
+    # error entered between them (graph probes re-run the candidate's path into it).
+    entered = next((c for c in cases if not c.result.passed and c.result.inputs_pass), None)
+    if entered is not None and entered.result.local_passed is not False and \
+            entered not in targets:
+        targets.append(entered)
     for case in targets[:max_layers]:
         for p in probes:
             if not p.model_wide:
