@@ -49,12 +49,14 @@ class ExamplePort(nn.Module):
     """The example net ported by hand; every switch off is a correct port."""
 
     def __init__(self, *, extra_relu: bool = False, missing_relu: bool = False,
-                 scale_input: float | None = None, global_pool: str = "avg") -> None:
+                 scale_input: float | None = None, global_pool: str = "avg",
+                 transpose: bool = False) -> None:
         super().__init__()
         w = example_weights()
         assert abs(float(w["bn_conv1"][2][0]) - BN_FACTOR) < 1e-3
         self.extra_relu, self.missing_relu = extra_relu, missing_relu
         self.scale_input, self.global_pool = scale_input, global_pool
+        self.transpose = transpose
         self.conv1, self.bn1 = _conv(w["conv1"][0], 1), _bn(w["bn_conv1"], w["scale_conv1"])
         self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
         self.conv2a = _conv(w["res2a_branch2a"][0], 1)
@@ -72,6 +74,8 @@ class ExamplePort(nn.Module):
         x = self.bn1(self.conv1(x))
         if not self.missing_relu:
             x = F.relu(x)
+        if self.transpose:
+            x = x.transpose(2, 3)
         x = self.pool1(x)
         y = F.relu(self.bn2a(self.conv2a(x)))
         y = self.bn2b(self.conv2b(y))

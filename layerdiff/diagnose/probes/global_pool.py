@@ -63,10 +63,14 @@ def _as_caffe(pool: Record, like: Record) -> Any:
 
 
 def _fix_text(method: str, rec: Record) -> str:
-    keep = np.ndim(rec.outputs[0]) == 4
-    if method == "ave":
-        return f"x.mean((2, 3){', keepdim=True' if keep else ''})  # or F.adaptive_avg_pool2d"
-    return f"x.amax((2, 3){', keepdim=True' if keep else ''})  # or F.adaptive_max_pool2d"
+    """The same call in Caffe's kind of reduction."""
+    word = "max" if method == "max" else "avg"
+    if rec.kind.startswith("Adaptive"):
+        return f"nn.Adaptive{word.capitalize()}Pool2d(1)"
+    if rec.kind.startswith("adaptive"):
+        return f"F.adaptive_{word}_pool2d(x, 1)"
+    keep = ", keepdim=True" if np.ndim(rec.outputs[0]) == 4 else ""
+    return f"x.amax((2, 3){keep})" if method == "max" else f"x.mean((2, 3){keep})"
 
 
 def _report(case: LayerCase, pool: Record, caffe: str, rec: Record, torch: str,
