@@ -61,14 +61,15 @@ def diagnose(report: Report, max_layers: int = 8) -> list[Finding]:
         fd = report.first_divergence
         targets = [c for c in cases if c.result is fd]
     # The first pair failing end to end whose feeders pass, when it is right on its own: the
-    # error entered between them (graph probes re-run the candidate's path into it).
+    # error entered between them; the probes for ops with no twin re-run the path into it.
     entered = next((c for c in cases if not c.result.passed and c.result.inputs_pass), None)
-    if entered is not None and entered.result.local_passed is not False and \
-            entered not in targets:
-        targets.append(entered)
+    if entered is None or entered.result.local_passed is False or entered in targets:
+        entered = None
+    else:
+        targets.insert(0, entered)  # probed even past max_layers local failures
     for case in targets[:max_layers]:
         for p in probes:
-            if not p.model_wide:
+            if not p.model_wide and (p.between or case is not entered):
                 for f in _as_list(_safe(p, case), p.name):
                     f.layer = f.layer or case.name
                     findings.append(f)

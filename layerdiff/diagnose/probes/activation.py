@@ -27,7 +27,7 @@ from layerdiff.diagnose.probes.graph_path import (
 )
 
 
-@probe("activation_inserted")
+@probe("activation_inserted", between=True)
 def activation_inserted(case: LayerCase) -> Finding | None:
     """The port applies an activation the reference does not have on this path."""
     pc = path_case(case)
@@ -52,7 +52,7 @@ def activation_inserted(case: LayerCase) -> Finding | None:
     return None
 
 
-@probe("activation_missing")
+@probe("activation_missing", between=True)
 def activation_missing(case: LayerCase) -> Finding | None:
     """The reference applies an activation that the port skips on this path."""
     pc = path_case(case)

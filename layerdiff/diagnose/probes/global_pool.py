@@ -86,7 +86,7 @@ def _report(case: LayerCase, pool: Record, caffe: str, rec: Record, torch: str,
                    torch_pool=torch.upper())
 
 
-@probe("global_pool_kind")
+@probe("global_pool_kind", between=True)
 def global_pool_kind(case: LayerCase) -> Finding | None:
     """A torch global reduction takes the max where Caffe averages (or the reverse)."""
     aligned = _aligned(case)

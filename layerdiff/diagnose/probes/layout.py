@@ -382,7 +382,7 @@ def flatten_order_input(report: Report) -> list[Finding]:
 _PERMUTES = {"permute", "transpose", "movedim", "swapaxes", "swapdims", "t"}
 
 
-@probe("permute_inserted")
+@probe("permute_inserted", between=True)
 def permute_inserted(case: LayerCase) -> Finding | None:
     """The port permutes/transposes the values on the path into a pair, where Caffe does not.
 
