@@ -107,7 +107,7 @@ def path_case(case: LayerCase) -> PathCase | None:
     if res.passed or not res.inputs_pass or res.local_passed is False:
         return None
     alignment = getattr(report, "alignment", None)
-    if alignment is None or case.pair not in alignment.pairs:
+    if alignment is None or not any(p is case.pair for p in alignment.pairs):
         return None
     path = between(alignment, report.reference, report.candidate, case.pair)
     if not path:
