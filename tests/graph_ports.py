@@ -50,13 +50,13 @@ class ExamplePort(nn.Module):
 
     def __init__(self, *, extra_relu: bool = False, missing_relu: bool = False,
                  scale_input: float | None = None, global_pool: str = "avg",
-                 transpose: bool = False) -> None:
+                 transpose: bool = False, mean: tuple[float, ...] | None = None) -> None:
         super().__init__()
         w = example_weights()
         assert abs(float(w["bn_conv1"][2][0]) - BN_FACTOR) < 1e-3
         self.extra_relu, self.missing_relu = extra_relu, missing_relu
         self.scale_input, self.global_pool = scale_input, global_pool
-        self.transpose = transpose
+        self.transpose, self.mean = transpose, mean
         self.conv1, self.bn1 = _conv(w["conv1"][0], 1), _bn(w["bn_conv1"], w["scale_conv1"])
         self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
         self.conv2a = _conv(w["res2a_branch2a"][0], 1)
@@ -71,6 +71,8 @@ class ExamplePort(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale_input is not None:
             x = x * self.scale_input
+        if self.mean is not None:
+            x = x - torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
         x = self.bn1(self.conv1(x))
         if not self.missing_relu:
             x = F.relu(x)

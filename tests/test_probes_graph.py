@@ -9,9 +9,9 @@ name the cause at the right pair, and its counterfactual must explain >= 90% of 
 from __future__ import annotations
 
 import pytest
-from golden import CORPUS, require_shared
+from golden import CORPUS, GOLDEN, load_golden, require_shared
 from graph_ports import ExamplePort, PermutedFlatten, bottleneck_net, v15_strides
-from ports import GraphPort, planted_port
+from ports import GraphPort, load_resnet50_from_caffe, planted_port
 
 import layerdiff
 from layerdiff.diagnose import layer_cases
@@ -95,6 +95,12 @@ def test_scale_inside_forward(example, spec):
     assert "mul" in f.cause and ("255" in f.cause or "255" in f.evidence)
 
 
+def test_mean_subtracted_inside_forward_constant_input(example):
+    report = layerdiff.compare(example, ExamplePort(mean=(0.1, 0.2, 0.3)).eval(), "ones:0.5")
+    f = _only(report, "input_mean")
+    assert f.layer == "conv1 <-> conv1" and f.data["ops"] == ["sub"]
+
+
 def test_global_ave_pool_replaced_by_amax(example):
     report = layerdiff.compare(example, ExamplePort(global_pool="amax").eval(), RANDOM)
     f = _only(report, "global_pool_kind")
@@ -149,6 +155,27 @@ def test_stride_on_3x3_instead_of_1x1(bottleneck):
     _no_probe_raises(report)
 
 
+@pytest.fixture(scope="module")
+def resnet50():
+    require_shared()
+    return load_golden(GOLDEN / "nets" / "resnet50_seed_ones").net
+
+
+def test_resnet50_v15_strides(resnet50):
+    """The issue's case: torchvision's v1.5 blocks against Caffe's ResNet-50 v1."""
+    port = load_resnet50_from_caffe(resnet50)
+    for layer in (port.layer2, port.layer3, port.layer4):
+        layer[0].conv1.stride, layer[0].conv2.stride = (1, 1), (2, 2)
+    report = layerdiff.compare(resnet50, port, "ones:0.5")
+    found = [(f.kind, f.layer) for f in report.findings]
+    assert found == [("stride_placement", f"res{s}a_branch2{b} <-> layer{n}.0.conv{c}")
+                     for s, n in ((3, 2), (4, 3), (5, 4)) for b, c in (("a", 1), ("b", 2))]
+    assert report.findings[0].fix == ("layer2.0.conv1.stride = (2, 2); "
+                                      "layer2.0.conv2.stride = (1, 1)")
+    assert all(f.explained == 1.0 for f in report.findings)
+    _no_probe_raises(report)
+
+
 def test_conv_pad_named(bottleneck):
     def no_pad(port):
         port.conv1.padding = (0, 0)
@@ -170,7 +197,7 @@ def test_pool_stride_named(bottleneck, example):
     assert "stride" in f.cause
 
 
-def test_clean_ports_get_no_graph_finding(example, bottleneck):
+def test_clean_ports_get_no_graph_finding(example, bottleneck, resnet50):
     require_shared()
     lenet = layerdiff.load_caffe(CORPUS / "lenet_mnist")
     resnet20 = layerdiff.load_caffe(CORPUS / "cifar10_resnet20_junyuseu", shape=(1, 3, 32, 32))
@@ -181,3 +208,6 @@ def test_clean_ports_get_no_graph_finding(example, bottleneck):
             assert report, spec
             assert not [f for f in report.findings if f.probe in GRAPH_PROBES]
             _no_probe_raises(report)
+    report = layerdiff.compare(resnet50, load_resnet50_from_caffe(resnet50), "ones:0.5")
+    assert report and not report.findings
+    _no_probe_raises(report)
