@@ -48,6 +48,7 @@ def bottleneck(tmp_path_factory):
 
 
 def _only(report, kind):
+    assert not [f for f in report.findings if f.kind == "probe_error"], report.findings
     found = [f for f in report.findings if f.kind == kind]
     assert found, f"no {kind} finding; got {[(f.kind, f.layer) for f in report.findings]}"
     f = found[0]

@@ -181,22 +181,22 @@ def _report(case: LayerCase, ref_name: str, want: Geometry, tc: TorchConv, trial
     if changed == ("stride",):
         partner = _stride_partner(case, want.stride, have.stride)
         if partner is not None:
-            other_ref, other_cand, caffe_s, torch_s = partner
-            moved_here = have.stride < want.stride
-            here_k, there = _show(want.kernel), f"{other_cand} ({other_ref})"
-            if moved_here:
-                cause = (f"the stride sits on torch {there} instead of {tc.name}: Caffe strides "
-                         f"{ref_name} ({here_k}x{here_k}) by {_show(want.stride)}, the port "
-                         f"{other_cand} by {_show(torch_s)} (torchvision's ResNet v1.5 puts "
-                         "the stride on the 3x3 conv, Caffe's ResNet v1 on the first 1x1)")
+            other_ref, other_cand, other_caffe, other_torch = partner
+            if have.stride < want.stride:  # Caffe strides this conv, the port the partner
+                caffe_at, port_at = (ref_name, want), (other_cand, other_torch)
             else:
-                cause = (f"the stride sits on torch {tc.name} instead of {there}: the port "
-                         f"strides {tc.name} ({here_k}x{here_k}) by {_show(have.stride)}, "
-                         f"Caffe strides {other_ref} by {_show(caffe_s)} (torchvision's "
-                         "ResNet v1.5 against Caffe's ResNet v1)")
-            ev += (f"; the connected torch {other_cand} has stride {_show(torch_s)} where "
-                   f"Caffe {other_ref} has {_show(caffe_s)}")
-            fix = (f"{tc.name}.stride = {trial.stride}; {other_cand}.stride = {caffe_s}")
+                caffe_at, port_at = (other_ref, other_caffe), (tc.name, have)
+            hint = ""
+            if _show(caffe_at[1].kernel) == "1" and _show(port_at[1].kernel) == "3":
+                hint = (" (torchvision's ResNet v1.5 puts the stride on the 3x3 conv, Caffe's "
+                        "ResNet v1 on the first 1x1)")
+            k1, k2 = _show(caffe_at[1].kernel), _show(port_at[1].kernel)
+            cause = (f"the stride moved: Caffe strides {caffe_at[0]} ({k1}x{k1}) by "
+                     f"{_show(caffe_at[1].stride)}, the port strides {port_at[0]} ({k2}x{k2}) "
+                     f"instead{hint}")
+            ev += (f"; the connected torch {other_cand} has stride {_show(other_torch.stride)} "
+                   f"where Caffe {other_ref} has {_show(other_caffe.stride)}")
+            fix = f"{tc.name}.stride = {trial.stride}; {other_cand}.stride = {other_caffe.stride}"
             return finding(case, "stride_placement", cause, ev, fix, fixed, "conv_geometry",
                            partner=other_cand, partner_ref=other_ref, **data)
     kind = f"conv_{changed[0]}" if len(changed) == 1 else "conv_geometry"
@@ -205,9 +205,10 @@ def _report(case: LayerCase, ref_name: str, want: Geometry, tc: TorchConv, trial
 
 
 def _stride_partner(case: LayerCase, want: tuple[int, int], have: tuple[int, int]
-                    ) -> tuple[str, str, tuple[int, int], tuple[int, int]] | None:
+                    ) -> tuple[str, str, Geometry, Geometry] | None:
     """The nearest conv pair connected to this one (downstream when this conv lacks Caffe's
-    stride, upstream when it has an extra one) whose stride differs the other way."""
+    stride, upstream when it has an extra one) whose stride differs the other way:
+    (reference name, candidate name, Caffe geometry, torch geometry)."""
     results = case.report.results
     me = case.result.position
     down = have < want
@@ -223,7 +224,7 @@ def _stride_partner(case: LayerCase, want: tuple[int, int], have: tuple[int, int
             continue
         first, last = (case, other) if down else (other, case)
         if _feeds(case.report.reference, first.ref_records[-1], last.ref_records[0]):
-            return caffe[0], res.pair.cand_name, cs, ts
+            return caffe[0], res.pair.cand_name, caffe[1], tc.geometry
     return None
 
 

@@ -403,11 +403,12 @@ def permute_inserted(case: LayerCase) -> Finding | None:
             continue
         args = [a for a in getattr(rec.handle, "args", ())[1:] if isinstance(a, (int, tuple, list))]
         spelled = f"{rec.kind}({', '.join(map(str, args))})" if args else rec.kind
-        ev = (f"torch {rec.name} ({spelled}) rearranges {made_by(case, rec)}'s output on the way "
+        label = spelled if rec.name == rec.kind else f"{spelled} ({rec.name})"
+        ev = (f"torch {label} rearranges {made_by(case, rec)}'s output on the way "
               f"to {case.pair.cand_name} and has no twin in Caffe; the port's path re-run "
               f"without it matches Caffe {case.pair.ref_name}")
-        return finding(pc.case, "permute_inserted", f"the port applies {spelled} ({rec.name}) "
-                       f"before {case.pair.cand_name}; Caffe keeps the axes as they are", ev,
+        return finding(pc.case, "permute_inserted", f"the port applies {label} before "
+                       f"{case.pair.cand_name}; Caffe keeps the axes as they are", ev,
                        f"remove {rec.name} from the port's forward", fixed, "permute_inserted",
                        op=rec.name, op_kind=rec.kind)
     return None

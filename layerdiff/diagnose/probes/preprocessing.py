@@ -118,7 +118,7 @@ def _with_shift(case: LayerCase, base: Transform, x: np.ndarray) -> Transform | 
     """``base`` plus the per-channel shift that best explains the error, assuming the group is
     affine in its input (conv, BatchNorm, Scale): error = sum_c shift_c * response_c."""
     y0 = case.rerun(inputs=[base(x)])
-    if y0 is None:
+    if y0 is None or np.shape(y0) != case.ref_output.shape:  # e.g. a conv with another pad
         return None
     cols = []
     for c in range(x.shape[1]):
@@ -304,7 +304,7 @@ def _removed_ops(case: LayerCase) -> list[Finding]:
         ev = (f"without {', '.join(names)} (the port's own ops between the model input and "
               f"{case.pair.cand_name}), torch {case.pair.cand_name} matches Caffe "
               f"{case.pair.ref_name}")
-        which = ", ".join(r.name for r in removed)
+        which = ", ".join(names)
         return [finding(pc.case, kind, f"the port preprocesses its input inside forward "
                         f"({', '.join(names)}) before {case.pair.cand_name}; the Caffe net "
                         "takes the input as it is", ev, f"remove {which} from the port's "
