@@ -212,3 +212,33 @@ def test_clean_ports_get_no_graph_finding(example, bottleneck, resnet50):
     report = layerdiff.compare(resnet50, load_resnet50_from_caffe(resnet50), "ones:0.5")
     assert report and not report.findings
     _no_probe_raises(report)
+
+
+def test_functional_conv_dilation_named(tmp_path):
+    """An F.conv2d call with another dilation: the field is read from the call's arguments."""
+    import numpy as np
+    import torch
+    from nets import caffe_net
+    from torch.nn import functional as F
+
+    rng = np.random.RandomState(1)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    net = caffe_net(tmp_path, 'layer { name: "conv" type: "Convolution" bottom: "data" '
+                    'top: "conv" convolution_param { num_output: 4 kernel_size: 3 pad: 2 '
+                    "dilation: 2 bias_term: false } }\n"
+                    'layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }',
+                    {"data": (1, 3, 9, 9)}, {"conv": [w]})
+
+    class Port(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.from_numpy(w))
+            self.relu = torch.nn.ReLU()  # a child module: the functional conv is recorded
+
+        def forward(self, x):
+            return self.relu(F.conv2d(x, self.weight, None, 1, 2, 1))  # Caffe's dilation is 2
+
+    report = layerdiff.compare(net, Port().eval(), RANDOM)
+    f = _only(report, "conv_dilation")
+    assert f.data["caffe"] == {"dilation": [2, 2]} and f.data["torch"] == {"dilation": [1, 1]}
+    assert f.fix.endswith("F.conv2d(x, weight, bias, dilation=2)")
