@@ -68,6 +68,11 @@ def diagnose(report: Report, max_layers: int = 8) -> list[Finding]:
     # (the error entered before it: the model-wide probes look there).
     targets = [r for r in report.results if not r.passed and (
         r.local_passed is False or (r is fd and r.local is None))][:max_layers]
+    # The first divergence when it is right on its own: the error entered between its passing
+    # feeders and it; only the probes for ops with no twin (``between``) re-run that path.
+    entered = fd if fd is not None and fd.local_passed is True else None
+    if entered is not None:
+        targets.insert(0, entered)  # probed even past max_layers local failures
     cases = layer_cases(report, {r.position for r in targets})
     findings: list[Finding] = []
     for p in probes:
@@ -76,7 +81,7 @@ def diagnose(report: Report, max_layers: int = 8) -> list[Finding]:
     for res in targets:
         case = cases[res.position]
         for p in probes:
-            if not p.model_wide:
+            if not p.model_wide and (p.between or res is not entered):
                 for f in _as_list(_safe(p, case), p.name):
                     f.layer = f.layer or case.name
                     findings.append(f)

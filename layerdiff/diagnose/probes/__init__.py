@@ -16,7 +16,7 @@ from dataclasses import dataclass
 #: probe modules, each ``layerdiff/diagnose/probes/<name>.py``
 MODULES: tuple[str, ...] = (
     "audit_probe", "batchnorm", "train_mode", "pooling", "lrn", "layout", "preprocessing",
-    "conv", "precision",
+    "conv", "precision", "activation", "global_pool", "geometry",
 )
 
 
@@ -25,16 +25,20 @@ class Probe:
     name: str
     fn: Callable
     model_wide: bool = False
+    #: also looks for error that entered between the pair and its passing feeders (ops with
+    #: no twin), so it runs on a pair that fails end to end although it is right on its own
+    between: bool = False
 
 
 PROBES: list[Probe] = []
 
 
-def probe(name: str, model_wide: bool = False) -> Callable[[Callable], Callable]:
+def probe(name: str, model_wide: bool = False,
+          between: bool = False) -> Callable[[Callable], Callable]:
     """Register ``fn`` as a probe named ``name``."""
 
     def deco(fn: Callable) -> Callable:
-        PROBES.append(Probe(name, fn, model_wide))
+        PROBES.append(Probe(name, fn, model_wide, between))
         return fn
 
     return deco

@@ -380,3 +380,39 @@ def flatten_order_input(report: Report) -> list[Finding]:
                            + _weight_code(rec.name, chw, order, lin.weight.shape[0], False),
                            fixed, "flatten_order_input", order=_order_name(order), ops=ops))
     return out
+
+
+# -- a permute or transpose with no twin ---------------------------------------------------------
+_PERMUTES = {"permute", "transpose", "movedim", "swapaxes", "swapdims", "t"}
+
+
+@probe("permute_inserted", between=True)
+def permute_inserted(case: LayerCase) -> Finding | None:
+    """The port permutes/transposes the values on the path into a pair, where Caffe does not.
+
+    Before an InnerProduct the ``flatten_order_input`` probe names it (with the weight-column
+    alternative); this one covers the rest (a transpose before a conv or pooling, ...)."""
+    from layerdiff.diagnose.probes.graph_path import identity, made_by, path_case
+
+    if caffe_layer(case, "InnerProduct") is not None:
+        return None
+    pc = path_case(case)
+    if pc is None or any(r.kind in _PERMUTES or r.kind == "Permute" for r in pc.ref_ops):
+        return None
+    for rec in pc.cand_ops:
+        if rec.kind not in _PERMUTES:
+            continue
+        fixed = check_fix(pc.case, pc.rerun(swap={rec.index: identity}))
+        if fixed is None:
+            continue
+        args = [a for a in getattr(rec.handle, "args", ())[1:] if isinstance(a, (int, tuple, list))]
+        spelled = f"{rec.kind}({', '.join(map(str, args))})" if args else rec.kind
+        label = spelled if rec.name == rec.kind else f"{spelled} ({rec.name})"
+        ev = (f"torch {label} rearranges {made_by(case, rec)}'s output on the way "
+              f"to {case.pair.cand_name} and has no twin in Caffe; the port's path re-run "
+              f"without it matches Caffe {case.pair.ref_name}")
+        return finding(pc.case, "permute_inserted", f"the port applies {label} before "
+                       f"{case.pair.cand_name}; Caffe keeps the axes as they are", ev,
+                       f"remove {rec.name} from the port's forward", fixed, "permute_inserted",
+                       op=rec.name, op_kind=rec.kind)
+    return None

@@ -29,7 +29,9 @@ from layerdiff.diagnose.finding import Finding
 from layerdiff.diagnose.patch import attach_module_patch
 from layerdiff.diagnose.probes import probe
 from layerdiff.diagnose.probes.counterfactual import already_reported, check_fix, finding
+from layerdiff.diagnose.probes.graph_path import PathCase, identity, op_text, path_case
 from layerdiff.diagnose.probes.layout import fed_otherwise, unaligned_between
+from layerdiff.trace import Record
 
 if TYPE_CHECKING:
     from layerdiff.comparator import Report
@@ -117,7 +119,7 @@ def _with_shift(case: LayerCase, base: Transform, x: np.ndarray) -> Transform | 
     """``base`` plus the per-channel shift that best explains the error, assuming the group is
     affine in its input (conv, BatchNorm, Scale): error = sum_c shift_c * response_c."""
     y0 = case.rerun(inputs=[base(x)])
-    if y0 is None:
+    if y0 is None or np.shape(y0) != case.ref_output.shape:  # e.g. a conv with another pad
         return None
     cols = []
     for c in range(x.shape[1]):
@@ -289,7 +291,8 @@ def inline_preprocessing(report: Report) -> list[Finding]:
         if x.shape != got.shape or x.ndim < 2:
             continue
         t = fit_affine(x, got)
-        if t is None:
+        if t is None:  # e.g. a constant input: removing the ops themselves can still tell
+            out.extend(_removed_ops(case))
             continue
         fixed = check_fix(case, case.rerun())
         if fixed is None:
@@ -305,6 +308,51 @@ def inline_preprocessing(report: Report) -> list[Finding]:
                            "port's forward, or apply it to the Caffe input as well", fixed,
                            "inline_preprocessing", ops=ops, reverse=t.reverse, scale=t.scale))
     return out
+
+
+_OP_KINDS = (("channel_order", {"getitem", "__getitem__", "flip", "index_select"}),
+             ("scale", {"mul", "mul_", "div", "div_", "truediv", "true_divide"}),
+             ("mean", {"sub", "sub_", "add", "add_", "rsub"}))
+
+
+def _removed_ops(case: LayerCase) -> list[Finding]:
+    """The port's own ops between the model input and the first pair, removed one at a time
+    (then all together): when that makes the pair match, they are the preprocessing."""
+    pc = path_case(case)
+    if pc is None:
+        return []
+    ops = [r for r in pc.cand_ops if r.outputs and any(r.kind in k for _, k in _OP_KINDS)
+           and _keeps_shape(pc, r)]
+    trials = [[r] for r in ops] + ([ops] if len(ops) > 1 else [])
+    for removed in trials:
+        fixed = check_fix(pc.case, pc.rerun(swap={r.index: identity for r in removed}))
+        if fixed is None:
+            continue
+        kind = "input_" + "_".join(name for name, kinds in _OP_KINDS
+                                   if any(r.kind in kinds for r in removed))
+        names = [op_text(r) + _constants(r) for r in removed]
+        ev = (f"without {', '.join(names)} (the port's own ops between the model input and "
+              f"{case.pair.cand_name}), torch {case.pair.cand_name} matches Caffe "
+              f"{case.pair.ref_name}")
+        which = ", ".join(names)
+        return [finding(pc.case, kind, f"the port preprocesses its input inside forward "
+                        f"({', '.join(names)}) before {case.pair.cand_name}; the Caffe net "
+                        "takes the input as it is", ev, f"remove {which} from the port's "
+                        "forward, or apply it to the Caffe input as well", fixed,
+                        "inline_preprocessing", ops=[r.name for r in removed])]
+    return []
+
+
+def _keeps_shape(pc: PathCase, rec: Record) -> bool:
+    ins = [pc.case.cand_trace.value_before(t, rec.index) for t in rec.bottoms[:1]]
+    return bool(ins) and ins[0] is not None and np.shape(ins[0]) == np.shape(rec.outputs[0])
+
+
+def _constants(rec: Record) -> str:
+    """The scalar arguments of a functional op, as ``by 255``."""
+    args = [*getattr(rec.handle, "args", ()), *getattr(rec.handle, "kwargs", {}).values()]
+    nums = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    return f" by {', '.join(f'{v:g}' for v in nums)}" if nums else ""
 
 
 def fit_affine(x: np.ndarray, got: np.ndarray) -> Transform | None:
