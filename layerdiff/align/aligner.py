@@ -88,6 +88,12 @@ def normalize_name(name: str) -> str:
     return re.sub(r"[/._\-]+", "_", n.lower()).strip("_")
 
 
+def _normalized_key(rec: Record) -> str:
+    # An ONNX node exported from torch carries the module path it came from (``torch_module``,
+    # from ``/layer1/layer1.0/conv1/Conv`` or dynamo's name scopes): that is the name to match.
+    return normalize_name(rec.attrs.get("torch_module") or rec.name)
+
+
 def _steps(trace: Trace, ignore) -> list[Record]:
     return [r for r in trace if r.kind not in PASSTHROUGH and not r.attrs.get("container")
             and r.outputs and not ignore(r.name)]
@@ -118,15 +124,15 @@ def align(ref: Trace, cand: Trace, mapfile: MapFile | None = None) -> Alignment:
         used.update(pos)
 
     # 2-3. names
-    for method, key in (("exact", lambda n: n), ("normalized", normalize_name)):
+    for method, key in (("exact", lambda r: r.name), ("normalized", _normalized_key)):
         index: dict[str, list[int]] = {}
         for j, c in enumerate(cs):
             if j not in used:
-                index.setdefault(key(c.name), []).append(j)
+                index.setdefault(key(c), []).append(j)
         for i, r in enumerate(rs):
             if i in match:
                 continue
-            for j in index.get(key(r.name), []):
+            for j in index.get(key(r), []):
                 if j not in used and _name_compatible(r.kind, cs[j].kind):
                     match[i] = ([j], method, "")
                     used.add(j)

@@ -45,9 +45,41 @@ FAMILIES: dict[str, set[str]] = {
     "power": {"Power", "Exp", "Log", "pow", "exp", "log", "sqrt", "rsqrt"},
 }
 
+#: ONNX op types (onnxruntime's records of an .onnx graph), joined to the families above.
+ONNX_FAMILIES: dict[str, set[str]] = {
+    "conv": {"Conv"},
+    "deconv": {"ConvTranspose"},
+    "linear": {"Gemm", "MatMul"},
+    "batchnorm": {"BatchNormalization"},
+    "affine": {"Mul", "Add"},
+    "relu": {"Relu", "LeakyRelu"},
+    "prelu": {"PRelu"},
+    "elu": {"Elu"},
+    "sigmoid": {"Sigmoid"},
+    "tanh": {"Tanh"},
+    "swish": {"HardSwish"},
+    "abs": {"Abs"},
+    "clip": {"Clip"},
+    "pool": {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean"},
+    "eltwise": {"Add", "Mul", "Sub", "Max", "Sum"},
+    "concat": {"Concat"},
+    "reshape": {"Flatten", "Reshape", "Squeeze", "Unsqueeze"},
+    "softmax": {"Softmax", "LogSoftmax"},
+    "dropout": {"Dropout"},
+    "lrn": {"LRN"},
+    "normalize": {"LpNormalization", "InstanceNormalization", "LayerNormalization",
+                  "GroupNormalization", "MeanVarianceNormalization"},
+    "resize": {"Resize", "Upsample"},
+    "permute": {"Transpose"},
+    "slice": {"Slice", "Split"},
+    "power": {"Pow", "Exp", "Log", "Sqrt"},
+}
+for _fam, _kinds in ONNX_FAMILIES.items():
+    FAMILIES[_fam] = FAMILIES[_fam] | _kinds
+
 #: Records that only route data: never aligned, never reported as unaligned.
 PASSTHROUGH = {"Input", "Split", "Silence", "contiguous", "clone", "detach", "to", "Identity",
-               "identity", "size"}
+               "identity", "size", "Cast"}
 
 _BY_KIND: dict[str, set[str]] = {}
 for _fam, _kinds in FAMILIES.items():

@@ -1,0 +1,267 @@
+"""Run an ONNX model with onnxruntime (CPU) and record every node's outputs as a Trace.
+
+Every node output is added to the graph's outputs, so one run yields all of them. Graph
+optimizations are off by default: the values are the graph's own, node for node. With
+``optimize="basic"``/``"extended"`` onnxruntime first rewrites the graph (constant folding, BN
+folded into convs, fused activations) and the rewritten graph is what is recorded.
+
+Nodes computing only constants (initializers, ``Constant``, shape arithmetic) get no record:
+their values become the parameters of the nodes that read them. Each record's ``handle`` is an
+:class:`OnnxCall`, which re-runs that one node on other inputs, optionally with other
+initializers or attributes (what the diagnosis probes do).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from layerdiff.adapters.onnx_load import (
+    PARAM_ROLES,
+    OnnxModel,
+    _first_line,
+    exporter_module_paths,
+    require_onnx,
+    static_values,
+)
+
+from layerdiff.errors import InputSpecError, UnsupportedError
+from layerdiff.trace import Trace
+
+OPTIMIZE_LEVELS = ("none", "basic", "extended")
+_REDUCED = (np.float16,)
+
+
+def session_options(ort: Any, level: str = "none") -> Any:
+    """Session options: the given graph optimization level, and onnxruntime's warnings (one per
+    initializer listed among the graph inputs, hundreds for older exports) silenced."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    }[level]
+    so.log_severity_level = 3  # errors only
+    return so
+
+
+def new_session(ort: Any, proto_bytes: bytes, level: str, where: str) -> Any:
+    try:
+        return ort.InferenceSession(proto_bytes, session_options(ort, level),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise UnsupportedError(f"{where}: onnxruntime cannot run this model "
+                               f"({_first_line(e)})") from None
+
+
+def optimized_model(model: OnnxModel, level: str) -> OnnxModel:
+    """The graph onnxruntime runs after its optimizations at ``level``."""
+    onnx, ort = require_onnx()
+    from onnx import numpy_helper
+
+    with tempfile.TemporaryDirectory(prefix="layerdiff-ort-") as tmp:
+        so = session_options(ort, level)
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        try:
+            ort.InferenceSession(model.proto.SerializeToString(), so,
+                                 providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001
+            raise UnsupportedError(f"{model.path}: onnxruntime cannot run this model "
+                                   f"({_first_line(e)})") from None
+        proto = onnx.load(so.optimized_model_filepath)
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    notes = [*model.notes, f"recorded onnxruntime's graph after '{level}' optimizations "
+             f"({len(proto.graph.node)} nodes, {len(model.proto.graph.node)} before)"]
+    return replace(model, proto=proto, initializers=inits,
+                   static=static_values(proto, set(inits)), notes=notes)
+
+
+def capture_onnx(model: OnnxModel, inputs: dict[str, np.ndarray], *, optimize: str = "none",
+                 progress: Callable[[int, int, str], None] | None = None) -> Trace:
+    """Run ``model`` on ``inputs`` (by input name) and return one record per computing node."""
+    onnx, ort = require_onnx()
+    if optimize not in OPTIMIZE_LEVELS:
+        raise InputSpecError(f"ONNX optimization level {optimize!r}: expected one of "
+                             f"{', '.join(OPTIMIZE_LEVELS)}")
+    if optimize != "none":
+        model = optimized_model(model, optimize)
+    feeds = _feeds(model, inputs)
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    graph_outputs = {o.name for o in proto.graph.output}
+    wanted = [o for n in proto.graph.node for o in n.output if o and o not in graph_outputs]
+    proto.graph.output.extend(onnx.ValueInfoProto(name=o) for o in wanted)
+    sess = new_session(ort, proto.SerializeToString(), "none", str(model.path))
+    names = [o.name for o in sess.get_outputs()]
+    if progress:
+        progress(0, len(model.proto.graph.node), "onnxruntime")
+    try:
+        arrays = sess.run(None, feeds)
+    except Exception as e:  # noqa: BLE001
+        raise UnsupportedError(f"{model.path}: onnxruntime failed to run the model "
+                               f"({_first_line(e)})") from None
+    values: dict[str, np.ndarray] = {**model.initializers, **feeds, **dict(zip(names, arrays,
+                                                                      strict=True))}
+    return _records(model, feeds, values, optimize, progress)
+
+
+def _feeds(model: OnnxModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    missing = [n for n in model.inputs if n not in inputs]
+    extra = [n for n in inputs if n not in model.inputs]
+    if missing or extra:
+        raise InputSpecError(f"{model.path}: inputs {sorted(inputs)} do not match the model's "
+                             f"inputs {list(model.inputs)}")
+    return {n: np.ascontiguousarray(inputs[n], dtype=model.input_dtypes[n])
+            for n in model.inputs}
+
+
+def _records(model: OnnxModel, feeds: dict[str, np.ndarray], values: dict[str, np.ndarray],
+             optimize: str, progress: Callable[[int, int, str], None] | None) -> Trace:
+    from onnx import helper
+
+    proto = model.proto
+    modules = exporter_module_paths(proto)
+    trace = Trace(meta={
+        "framework": "onnx", "model": str(model.path), "opset": model.opset,
+        "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+        "optimize": optimize, "input_names": list(model.inputs), "notes": list(model.notes),
+    }, inputs=dict(feeds))
+    taken: set[str] = set()
+    reduced = False
+    nodes = list(proto.graph.node)
+    for i, node in enumerate(nodes):
+        tops = [o for o in node.output if o]
+        if not tops or all(o in model.static for o in tops):
+            continue
+        name = node.name or f"{node.op_type}_{i}"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        roles = PARAM_ROLES.get(node.op_type, {})
+        consts: dict[str, np.ndarray] = {}
+        params: dict[str, np.ndarray] = {}
+        inits: dict[str, str] = {}
+        for k, x in enumerate(node.input):
+            if x and x in model.static:
+                role = roles.get(k, f"input{k}")
+                consts[x] = values[x]
+                params[role] = values[x]
+                inits[role] = x
+        bottoms = [x for x in node.input if x and x not in model.static]
+        outs = [values[o] for o in tops]
+        dtype = str(outs[0].dtype)
+        reduced = reduced or dtype == "float16"
+        attrs: dict[str, Any] = {
+            "op_type": node.op_type, "dtype": dtype,
+            "onnx_attrs": {a.name: _jsonable(helper.get_attribute_value(a))
+                           for a in node.attribute},
+            "initializers": inits,
+        }
+        if node.domain not in ("", "ai.onnx"):
+            attrs["domain"] = node.domain
+        if i in modules:
+            attrs["torch_module"] = modules[i]
+        handle = OnnxCall(node, consts, bottoms, [np.asarray(values[b]).dtype for b in bottoms],
+                          list(proto.opset_import), int(proto.ir_version), inits)
+        trace.add(name, node.op_type, tops, bottoms, outs, attrs, handle, params)
+        if progress:
+            progress(i + 1, len(nodes), name)
+    trace.meta["dtype"] = "float16" if reduced else "float32"
+    return trace
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (int, float, str)) or v is None:
+        return v
+    return type(v).__name__  # a tensor or a subgraph: named, not copied
+
+
+@dataclass
+class OnnxCall:
+    """Re-run one ONNX node with onnxruntime: ``run(*inputs) -> [outputs]``.
+
+    ``with_params``/``with_attributes`` give a copy with other initializers (by role, e.g.
+    ``running_mean``) or attributes (``epsilon``); ``float32()`` a copy computing in float32.
+    """
+
+    node: Any
+    #: the node's constant inputs by value name
+    consts: dict[str, np.ndarray]
+    #: its data inputs, fed on each run, and their element types
+    input_tops: list[str]
+    input_dtypes: list[np.dtype]
+    opsets: list[Any]
+    ir_version: int
+    #: parameter role -> value name (``running_mean`` -> ``bn1.running_mean``)
+    roles: dict[str, str] = field(default_factory=dict)
+    _session: Any = field(default=None, repr=False, compare=False)
+
+    def run(self, *xs: np.ndarray) -> list[np.ndarray]:
+        _, ort = require_onnx()
+        if len(xs) != len(self.input_tops):
+            raise ValueError(f"{self.node.name}: {len(self.input_tops)} inputs, got {len(xs)}")
+        feeds = {n: np.ascontiguousarray(x, dtype=d)
+                 for n, x, d in zip(self.input_tops, xs, self.input_dtypes, strict=True)}
+        if self._session is None:
+            self._session = new_session(ort, self._model(feeds).SerializeToString(), "none",
+                                        f"node '{self.node.name}'")
+        return list(self._session.run(None, feeds))
+
+    def __call__(self, *xs: np.ndarray) -> np.ndarray:
+        return self.run(*xs)[0]
+
+    def _model(self, feeds: dict[str, np.ndarray]) -> Any:
+        from onnx import ValueInfoProto, helper, numpy_helper
+
+        ins = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(x.dtype),
+                                             list(x.shape)) for n, x in feeds.items()]
+        outs = [ValueInfoProto(name=o) for o in self.node.output if o]
+        inits = [numpy_helper.from_array(np.asarray(a), n) for n, a in self.consts.items()]
+        graph = helper.make_graph([self.node], "layerdiff_node", ins, outs, inits)
+        model = helper.make_model(graph, opset_imports=self.opsets)
+        model.ir_version = self.ir_version
+        return model
+
+    def with_params(self, **arrays: np.ndarray) -> OnnxCall:
+        """A copy whose parameters named by role (``running_mean=...``) are replaced."""
+        consts = dict(self.consts)
+        for role, arr in arrays.items():
+            name = self.roles[role]
+            consts[name] = np.asarray(arr, dtype=np.asarray(self.consts[name]).dtype)
+        return replace(self, consts=consts, _session=None)
+
+    def with_attributes(self, **attrs: Any) -> OnnxCall:
+        """A copy of the node with these attributes set (added or replaced)."""
+        from onnx import helper
+
+        node = copy.deepcopy(self.node)
+        keep = [a for a in node.attribute if a.name not in attrs]
+        del node.attribute[:]
+        node.attribute.extend(keep)
+        node.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
+        return replace(self, node=node, _session=None)
+
+    def float32(self) -> OnnxCall:
+        """A copy computing in float32: reduced-precision constants and inputs widened."""
+        consts = {n: (np.asarray(a, np.float32) if np.asarray(a).dtype in _REDUCED else a)
+                  for n, a in self.consts.items()}
+        dtypes = [np.dtype(np.float32) if d in _REDUCED else d for d in self.input_dtypes]
+        return replace(self, consts=consts, input_dtypes=dtypes, _session=None)
+
+    def attribute(self, name: str, default: Any = None) -> Any:
+        from onnx import helper
+
+        for a in self.node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
