@@ -1,0 +1,173 @@
+"""Probes for an ONNX candidate: a Caffe layer against the ONNX node a converter made of it.
+
+The ONNX records' handles re-run one node with onnxruntime, with other initializers
+(``with_params``) or attributes (``with_attributes``). Each probe puts Caffe's value in, re-runs
+the node on the reference's inputs, and reports only when that removes (almost) all the error.
+Evidence names the initializer and attribute; the fix is the ``onnx`` API patch of the file.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+
+from layerdiff.diagnose.case import LayerCase
+from layerdiff.diagnose.finding import Finding
+from layerdiff.diagnose.probes import probe
+from layerdiff.diagnose.probes.batchnorm import CaffeBN, caffe_bn
+from layerdiff.diagnose.probes.counterfactual import Fixed, caffe_layer, check_fix, finding
+from layerdiff.diagnose.probes.pooling import _caffe_setting
+
+#: parameters this close count as equal (float32 storage)
+_RTOL = 1e-4
+_LOAD = 'import onnx; from onnx import numpy_helper; m = onnx.load("model.onnx"); '
+_SAVE = '; onnx.save(m, "model_fixed.onnx")'
+
+
+def onnx_node(case: LayerCase, op_types: tuple[str, ...]) -> tuple[int, Any] | None:
+    """(position, record) of the candidate group's first ONNX node of one of ``op_types``."""
+    for k, rec in enumerate(case.cand_records):
+        if rec.kind in op_types and hasattr(rec.handle, "with_attributes"):
+            return k, rec
+    return None
+
+
+def scale_initializers_fix(names: list[str], divisor: float) -> str:
+    """The ``onnx`` lines dividing initializers ``names`` by ``divisor`` in the file."""
+    return (f"{_LOAD}[t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) / "
+            f"{divisor:.6g}, t.name)) for t in m.graph.initializer if t.name in {names!r}]{_SAVE}")
+
+
+def attribute_fix(node: str, attrs: dict[str, Any]) -> str:
+    """The ``onnx`` lines setting attributes of node ``node`` in the file."""
+    sets = ", ".join(f"onnx.helper.make_attribute({k!r}, {v!r})" for k, v in attrs.items())
+    return (f"{_LOAD}n = next(n for n in m.graph.node if n.name == {node!r}); "
+            f"keep = [a for a in n.attribute if a.name not in {sorted(attrs)!r}]; "
+            f"del n.attribute[:]; n.attribute.extend(keep + [{sets}]){_SAVE}")
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=_RTOL,
+                                                   atol=1e-7 * float(np.abs(b).max() or 1)))
+
+
+def _vec(x: Any) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+# -- BatchNormalization ---------------------------------------------------------------------
+
+
+@probe("onnx_batchnorm")
+def onnx_batchnorm(case: LayerCase) -> Finding | None:
+    """Caffe BatchNorm (+ Scale) vs an ONNX BatchNormalization: the statistics not divided by
+    Caffe's scale factor, other statistics, or another ``epsilon``."""
+    bn = caffe_bn(case)
+    site = onnx_node(case, ("BatchNormalization",))
+    if bn is None or site is None or not bn.use_global:
+        return None
+    pos, rec = site
+    h = rec.handle
+    if not {"running_mean", "running_var"} <= set(rec.params):
+        return None
+    mean, var = _vec(rec.params["running_mean"]), _vec(rec.params["running_var"])
+    eps = float(h.attribute("epsilon", 1e-5))
+    trials: list[tuple[str, Any]] = []
+    # Only the named mistake is tried: the file's own statistics divided by s (other wrong
+    # statistics have no one-line fix to show).
+    undivided = bn.s not in (0.0, 1.0) and _close(mean, bn.raw_mean) and _close(var, bn.raw_var)
+    if undivided:
+        trials.append(("stats", h.with_params(running_mean=mean / bn.s, running_var=var / bn.s)))
+    if not np.isclose(eps, bn.eps, rtol=1e-6, atol=0):
+        trials.append(("eps", h.with_attributes(epsilon=float(bn.eps))))
+        if undivided:
+            both = h.with_params(running_mean=mean / bn.s, running_var=var / bn.s)
+            trials.append(("stats+eps", both.with_attributes(epsilon=float(bn.eps))))
+    for what, call in trials:
+        fixed = check_fix(case, case.rerun(replace={pos: call}))
+        if fixed is not None:
+            return _bn_finding(case, rec, bn, what, mean, var, eps, fixed)
+    return None
+
+
+def _bn_finding(case: LayerCase, rec: Any, bn: CaffeBN, what: str, mean: np.ndarray,
+                var: np.ndarray, eps: float, fixed: Fixed) -> Finding:
+    names = rec.attrs.get("initializers", {})
+    m_name, v_name = names.get("running_mean", "mean"), names.get("running_var", "var")
+    k = int(np.argmax(np.abs(bn.raw_mean)))
+    caffe = bn.layer.name
+    parts: list[str] = []
+    fixes: list[str] = []
+    kind = "bn_params"
+    cause = (f"the BatchNormalization's statistics are Caffe's undivided by s = {bn.s:.6g} and "
+             f"its epsilon is {eps:g} (Caffe: {bn.eps:g})")
+    if "stats" in what:
+        if what == "stats":
+            kind = "bn_scale_factor"
+            cause = (f"the converter copied Caffe's BatchNorm statistics without dividing by "
+                     f"its scale factor s = blob2 = {bn.s:.6g}")
+        parts.append(f"ONNX initializer {m_name}[{k}] = {mean[k]:.6g} equals Caffe {caffe} "
+                     f"blob0[{k}] = {bn.raw_mean[k]:.6g}; Caffe computes with blob0 / s = "
+                     f"{bn.mean[k]:.6g}, and {v_name} is blob1 likewise undivided")
+        fixes.append(scale_initializers_fix([m_name, v_name], bn.s))
+    if "eps" in what:
+        if what == "eps":
+            kind = "bn_eps"
+            cause = (f"the BatchNormalization's epsilon is {eps:g}; Caffe {caffe} uses "
+                     f"batch_norm_param.eps = {bn.eps:g}")
+        parts.append(f"node {rec.name} attribute epsilon = {eps:g}, Caffe eps = {bn.eps:g}")
+        fixes.append(attribute_fix(rec.name, {"epsilon": float(bn.eps)}))
+    fix = fixes[0] if len(fixes) == 1 else "; then ".join(fixes)
+    return finding(case, kind, cause, "; ".join(parts), fix, fixed, "onnx_batchnorm",
+                   initializers=[m_name, v_name], scale_factor=bn.s, onnx=True)
+
+
+# -- pooling --------------------------------------------------------------------------------
+
+_POOL_KINDS = {
+    ("ceil_mode",): "pool_ceil_mode",
+    ("ceil_mode", "pads"): "pool_padding_vs_ceil",
+    ("pads",): "pool_padding",
+    ("count_include_pad",): "pool_ave_divisor",
+}
+
+
+@probe("onnx_pooling")
+def onnx_pooling(case: LayerCase) -> Finding | None:
+    """Caffe Pooling vs an ONNX MaxPool/AveragePool: ``ceil_mode``, ``pads`` and
+    ``count_include_pad`` set to Caffe's, the fewest changes that remove the error."""
+    found = caffe_layer(case, "Pooling")
+    site = onnx_node(case, ("MaxPool", "AveragePool"))
+    if found is None or site is None or not case.ref_inputs or np.ndim(case.ref_inputs[0]) != 4:
+        return None
+    caffe = _caffe_setting(*found)
+    pos, rec = site
+    if caffe is None or (caffe.method == "max") != (rec.kind == "MaxPool"):
+        return None
+    h = rec.handle
+    want: dict[str, Any] = {"ceil_mode": int(caffe.ceil_mode),
+                            "pads": [*caffe.padding, *caffe.padding]}
+    have: dict[str, Any] = {"ceil_mode": int(h.attribute("ceil_mode", 0)),
+                            "pads": list(h.attribute("pads", [0, 0, 0, 0]))}
+    if rec.kind == "AveragePool":
+        want["count_include_pad"] = 1
+        have["count_include_pad"] = int(h.attribute("count_include_pad", 0))
+    diff = [f for f in want if want[f] != have[f]]
+    for n in range(1, len(diff) + 1):
+        for changed in itertools.combinations(diff, n):
+            trial = {f: want[f] for f in changed}
+            fixed = check_fix(case, case.rerun(replace={pos: h.with_attributes(**trial)}))
+            if fixed is None:
+                continue
+            settings = ", ".join(f"{f} = {have[f]} (Caffe: {want[f]})" for f in changed)
+            ev = (f"node {rec.name} has {settings}; Caffe {found[0].name} pools "
+                  f"k{caffe.kernel_size[0]} s{caffe.stride[0]} pad {caffe.padding[0]} rounding "
+                  f"{'up' if caffe.ceil_mode else 'down'}")
+            kind = _POOL_KINDS.get(tuple(sorted(changed)), "pool_geometry")
+            cause = (f"the ONNX {rec.kind} differs from Caffe's pooling in "
+                     f"{', '.join(changed)}")
+            return finding(case, kind, cause, ev, attribute_fix(rec.name, trial), fixed,
+                           "onnx_pooling", changed=list(changed), onnx=True)
+    return None
