@@ -37,7 +37,7 @@ OPTIMIZE_LEVELS = ("none", "basic", "extended")
 _REDUCED = (np.float16,)
 
 
-def session_options(ort: Any, level: str = "none") -> Any:
+def session_options(ort: Any, level: str = "none", threads: int = 0) -> Any:
     """Session options: the given graph optimization level, and onnxruntime's warnings (one per
     initializer listed among the graph inputs, hundreds for older exports) silenced."""
     so = ort.SessionOptions()
@@ -47,12 +47,18 @@ def session_options(ort: Any, level: str = "none") -> Any:
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     }[level]
     so.log_severity_level = 3  # errors only
+    # Idle worker threads otherwise spin after each run, stealing the CPU from everything
+    # layerdiff does next (metrics, the Caffe engine).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
     return so
 
 
-def new_session(ort: Any, proto_bytes: bytes, level: str, where: str) -> Any:
+def new_session(ort: Any, proto_bytes: bytes, level: str, where: str, threads: int = 0) -> Any:
     try:
-        return ort.InferenceSession(proto_bytes, session_options(ort, level),
+        return ort.InferenceSession(proto_bytes, session_options(ort, level, threads),
                                     providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise UnsupportedError(f"{where}: onnxruntime cannot run this model "
@@ -212,8 +218,9 @@ class OnnxCall:
         feeds = {n: np.ascontiguousarray(x, dtype=d)
                  for n, x, d in zip(self.input_tops, xs, self.input_dtypes, strict=True)}
         if self._session is None:
+            # One node, re-run a few times: a one-thread session starts fastest.
             self._session = new_session(ort, self._model(feeds).SerializeToString(), "none",
-                                        f"node '{self.node.name}'")
+                                        f"node '{self.node.name}'", threads=1)
         return list(self._session.run(None, feeds))
 
     def __call__(self, *xs: np.ndarray) -> np.ndarray:
@@ -250,10 +257,26 @@ class OnnxCall:
         node.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
         return replace(self, node=node, _session=None)
 
-    def float32(self) -> OnnxCall:
-        """A copy computing in float32: reduced-precision constants and inputs widened."""
-        consts = {n: (np.asarray(a, np.float32) if np.asarray(a).dtype in _REDUCED else a)
-                  for n, a in self.consts.items()}
+    @property
+    def reduced_params(self) -> bool:
+        """Whether some constant input is stored in reduced precision (float16)."""
+        return any(np.asarray(a).dtype in _REDUCED for a in self.consts.values())
+
+    def float32(self, jitter: float = 0.0, seed: int = 0) -> OnnxCall:
+        """A copy computing in float32: reduced-precision constants and inputs widened.
+
+        ``jitter`` > 0 multiplies each widened constant by ``1 + jitter * U(-1, 1)`` (what
+        storage rounding of that size does to the output, see the precision probe).
+        """
+        rng = np.random.default_rng(seed)
+        consts = {}
+        for n, a in self.consts.items():
+            arr = np.asarray(a)
+            if arr.dtype in _REDUCED:
+                arr = arr.astype(np.float32)
+                if jitter:
+                    arr = arr * (1 + jitter * rng.uniform(-1, 1, arr.shape)).astype(np.float32)
+            consts[n] = arr
         dtypes = [np.dtype(np.float32) if d in _REDUCED else d for d in self.input_dtypes]
         return replace(self, consts=consts, input_dtypes=dtypes, _session=None)
 

@@ -51,7 +51,6 @@ ONNX_FAMILIES: dict[str, set[str]] = {
     "deconv": {"ConvTranspose"},
     "linear": {"Gemm", "MatMul"},
     "batchnorm": {"BatchNormalization"},
-    "affine": {"Mul", "Add"},
     "relu": {"Relu", "LeakyRelu"},
     "prelu": {"PRelu"},
     "elu": {"Elu"},
@@ -106,6 +105,9 @@ REF_GROUPS: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
     (("Convolution", "BatchNorm", "Scale"), ("conv",), "BatchNorm + Scale folded into the conv"),
     (("Convolution", "BatchNorm"), ("conv",), "BatchNorm folded into the conv"),
     (("InnerProduct", "BatchNorm", "Scale"), ("linear",), "BatchNorm folded into the linear"),
+    # torch or unfolded ONNX against an ONNX export whose constant folding merged the BN
+    (("Conv2d", "BatchNorm2d"), ("conv",), "BatchNorm folded into the conv (ONNX export)"),
+    (("Conv", "BatchNormalization"), ("conv",), "BatchNorm folded into the conv"),
 ]
 CAND_GROUPS: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
     (("reshape", "linear"), ("linear",), "InnerProduct = flatten + Linear"),
