@@ -47,7 +47,7 @@ FAMILIES: dict[str, set[str]] = {
 
 #: ONNX op types (onnxruntime's records of an .onnx graph), joined to the families above.
 ONNX_FAMILIES: dict[str, set[str]] = {
-    "conv": {"Conv"},
+    "conv": {"Conv", "FusedConv"},  # FusedConv: onnxruntime's conv + activation
     "deconv": {"ConvTranspose"},
     "linear": {"Gemm", "MatMul"},
     "batchnorm": {"BatchNormalization"},
@@ -107,7 +107,10 @@ REF_GROUPS: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
     (("InnerProduct", "BatchNorm", "Scale"), ("linear",), "BatchNorm folded into the linear"),
     # torch or unfolded ONNX against an ONNX export whose constant folding merged the BN
     (("Conv2d", "BatchNorm2d"), ("conv",), "BatchNorm folded into the conv (ONNX export)"),
+    # onnxruntime's optimized graph against the file's own
+    (("Conv", "BatchNormalization", "Relu"), ("conv",), "BatchNorm and ReLU fused into the conv"),
     (("Conv", "BatchNormalization"), ("conv",), "BatchNorm folded into the conv"),
+    (("Conv", "Relu"), ("conv",), "ReLU fused into the conv"),
 ]
 CAND_GROUPS: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
     (("reshape", "linear"), ("linear",), "InnerProduct = flatten + Linear"),
