@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from layerdiff.align.fingerprint import tie_by_parameters
-from layerdiff.align.kinds import CAND_GROUPS, PASSTHROUGH, REF_GROUPS, compatible, families
+from layerdiff.align.kinds import (
+    CAND_GROUPS,
+    CAND_TAIL_GROUPS,
+    PASSTHROUGH,
+    REF_GROUPS,
+    compatible,
+    families,
+)
 from layerdiff.align.mapfile import MapFile, dump_mapfile
 from layerdiff.trace import Record, Trace
 
@@ -250,6 +257,7 @@ def _build_pairs(rs, cs, match, used) -> tuple[list[Pair], set[int]]:
     _join_preceding_batchnorm(pairs, rs, match)
     _absorb_reference_groups(pairs, rs, cs, match, used)
     absorbed_c = _absorb_candidate_groups(pairs, cs, used)
+    absorbed_c |= _absorb_candidate_tails(pairs, cs, used)
     pairs.sort(key=lambda p: p.ref[0].index)
     return pairs, absorbed_c
 
@@ -328,4 +336,39 @@ def _absorb_candidate_groups(pairs, cs, used) -> set[int]:
             p.cand.insert(0, prev)
             absorbed.add(prev.index)
             p.note = "; ".join(x for x in (p.note, desc) if x)
+    return absorbed
+
+
+def _absorb_candidate_tails(pairs, cs, used) -> set[int]:
+    """Unmatched candidate records right after a pair that finish its reference's work: the
+    kinds of ``CAND_TAIL_GROUPS``, or more ONNX nodes exported from the same torch module."""
+    absorbed: set[int] = set()
+    cpos = {c.index: j for j, c in enumerate(cs)}
+    for p in pairs:
+        module = p.cand[-1].attrs.get("torch_module")
+        if module is not None and module == p.ref[-1].name:
+            j = cpos[p.cand[-1].index] + 1
+            while j < len(cs) and j not in used and cs[j].attrs.get("torch_module") == module \
+                    and _chained(p.cand[-1], cs[j]):
+                p.cand.append(cs[j])
+                absorbed.add(cs[j].index)
+                j += 1
+            if len(p.cand) > 1:
+                p.note = "; ".join(x for x in (p.note, "the module's ONNX nodes") if x)
+                continue
+        for ref_kind, cand_kinds, desc in CAND_TAIL_GROUPS:
+            if p.ref[-1].kind != ref_kind or [c.kind for c in p.cand] != list(cand_kinds[:1]):
+                continue
+            j = cpos[p.cand[-1].index]
+            tail = []
+            for kind in cand_kinds[1:]:
+                j += 1
+                if j >= len(cs) or j in used or cs[j].kind != kind or \
+                        not _chained((tail or p.cand)[-1], cs[j]):
+                    break
+                tail.append(cs[j])
+            if len(tail) == len(cand_kinds) - 1:
+                p.cand.extend(tail)
+                absorbed.update(c.index for c in tail)
+                p.note = "; ".join(x for x in (p.note, desc) if x)
     return absorbed

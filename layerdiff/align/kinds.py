@@ -115,3 +115,10 @@ REF_GROUPS: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
 CAND_GROUPS: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
     (("reshape", "linear"), ("linear",), "InnerProduct = flatten + Linear"),
 ]
+
+# A reference record whose work the candidate splits over several records *after* the aligned
+# one: (reference kind, candidate kinds in order, description). The group is compared on the
+# output of its last candidate record.
+CAND_TAIL_GROUPS: list[tuple[str, tuple[str, ...], str]] = [
+    ("Scale", ("Mul", "Add"), "Caffe Scale = ONNX Mul + Add"),
+]
