@@ -244,10 +244,14 @@ def _segments(name: str) -> list[str]:
 
 
 def _join_scopes(segs: list[str], scopes: set[tuple[str, ...]]) -> str:
-    path = ""
+    # A scope repeats its parent's own name: /layer1/layer1.0/downsample/downsample.0/Conv
+    parts: list[str] = []
     for k, seg in enumerate(segs):
         m = _CALL_SUFFIX.match(seg)
         if m and tuple(segs[:k]) + (m.group(1),) in scopes:
             seg = m.group(1)  # a repeated call of a module that also ran without suffix
-        path = seg if path and seg.startswith(path + ".") else (f"{path}.{seg}" if path else seg)
-    return path
+        if parts and seg.startswith(parts[-1] + "."):
+            parts[-1] = seg
+        else:
+            parts.append(seg)
+    return ".".join(parts)

@@ -111,12 +111,13 @@ def test_torchscript_exporter_paths(tmp_path):
 
     names = ["/conv1/Conv", "/layer1/layer1.0/conv1/Conv", "/layer1/layer1.0/relu/Relu",
              "/layer1/layer1.0/relu_1/Relu", "/layer1/layer1.0/Add", "/Flatten",
-             "/head/conv_2/Conv"]
+             "/head/conv_2/Conv", "/layer1/layer1.0/downsample/downsample.0/Conv"]
     nodes = [helper.make_node("Relu", ["a"], ["b"], name=n) for n in names]
     graph = helper.make_graph(nodes, "g", [], [])
     got = exporter_module_paths(helper.make_model(graph))
     assert list(got.values()) == ["conv1", "layer1.0.conv1", "layer1.0.relu", "layer1.0.relu",
-                                  "layer1.0", "flatten", "head.conv_2"]
+                                  "layer1.0", "flatten", "head.conv_2",
+                                  "layer1.0.downsample.0"]
 
 
 def test_optimized_graph_runs_fewer_nodes_and_agrees(tmp_path):

@@ -42,10 +42,16 @@ def scale_initializers_fix(names: list[str], divisor: float) -> str:
 
 def attribute_fix(node: str, attrs: dict[str, Any]) -> str:
     """The ``onnx`` lines setting attributes of node ``node`` in the file."""
-    sets = ", ".join(f"onnx.helper.make_attribute({k!r}, {v!r})" for k, v in attrs.items())
+    sets = ", ".join(f"onnx.helper.make_attribute({k!r}, {_literal(v)})"
+                     for k, v in attrs.items())
     return (f"{_LOAD}n = next(n for n in m.graph.node if n.name == {node!r}); "
             f"keep = [a for a in n.attribute if a.name not in {sorted(attrs)!r}]; "
             f"del n.attribute[:]; n.attribute.extend(keep + [{sets}]){_SAVE}")
+
+
+def _literal(v: Any) -> str:
+    # attributes are float32: 1e-05, not 9.999999747378752e-06
+    return f"{v:.7g}" if isinstance(v, float) else repr(v)
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> bool:
