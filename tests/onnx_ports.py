@@ -66,6 +66,19 @@ def set_attribute(src: Path, dst: Path, node: str, **attrs) -> Path:
     return dst
 
 
+def set_initializer(src: Path, dst: Path, name: str, change) -> Path:
+    """A copy of the model with initializer ``name`` replaced by ``change(array)``."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(src))
+    t = next(x for x in m.graph.initializer if x.name == name)
+    new = np.ascontiguousarray(change(numpy_helper.to_array(t)))
+    t.CopyFrom(numpy_helper.from_array(new, name))
+    onnx.save(m, str(dst))
+    return dst
+
+
 def small_graph(path: Path, *, batch: int | str = 1, inits_as_inputs: bool = False,
                 scopes: bool = False, two_inputs: bool = False, domain_op: bool = False,
                 seed: int = 0) -> Path:

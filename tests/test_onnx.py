@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from golden import CORPUS, require_shared
-from onnx_ports import export, require_onnx, set_attribute, to_float16
+from nets import caffe_net
+from onnx_ports import export, require_onnx, set_attribute, set_initializer, to_float16
 from ports import GraphPort
 
 require_onnx()
@@ -121,7 +122,9 @@ def resnet20(tmp_path_factory):
     port = GraphPort(net).eval()
     good = export(port, (1, 3, 32, 32), root / "resnet20.onnx")
     bad = export(GraphPort(net, divide_bn=False).eval(), (1, 3, 32, 32), root / "bad.onnx")
-    return {"net": net, "port": port, "good": good, "bad": bad,
+    flipped = set_initializer(good, root / "flipped.onnx", "Convolution1.weight",
+                              lambda w: w[:, :, ::-1, ::-1])
+    return {"net": net, "port": port, "good": good, "bad": bad, "flipped": flipped,
             "fp16": to_float16(good, root / "fp16.onnx")}
 
 
@@ -158,3 +161,34 @@ def test_float16_graph_is_precision_not_a_bug(resnet20):
     assert kinds and kinds <= PRECISION, [(f.kind, f.layer, f.cause) for f in report.findings]
     assert report.findings[0].kind == "precision"
     assert "float16" in report.findings[0].cause
+
+
+def test_conv_kernel_flipped_in_the_file(resnet20):
+    report = layerdiff.compare(resnet20["net"], str(resnet20["flipped"]), "uniform:-1,1:7")
+    fd = report.first_divergence
+    assert fd.pair.ref_name == "Convolution1" and fd.pair.cand_name == "/Convolution1/Conv"
+    top = report.findings[0]
+    assert top.kind == "conv_kernel_flipped" and top.layer.startswith("Convolution1 <->")
+    assert "Convolution1.weight" in top.evidence and "[:, :, ::-1, ::-1]" in top.fix
+    assert top.error_after <= fd.tolerance
+
+
+def test_gemm_columns_in_hwc_order(tmp_path):
+    rng = np.random.default_rng(3)
+    body = ('layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" '
+            'convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }\n'
+            'layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "fc" '
+            'inner_product_param { num_output: 5 } }\n')
+    net = caffe_net(tmp_path, body, {"data": (1, 3, 6, 6)}, {
+        "conv": [rng.normal(0, 0.3, (4, 3, 3, 3)), rng.normal(0, 1, 4)],
+        "fc": [rng.normal(0, 0.1, (5, 144)), rng.normal(0, 1, 5)]}, dtype=np.float32)
+    good = export(GraphPort(net).eval(), (1, 3, 6, 6), tmp_path / "good.onnx")
+    assert layerdiff.compare(net, str(good), "uniform:-1,1:1")
+    hwc = set_initializer(good, tmp_path / "hwc.onnx", "fc.fc.weight",
+                          lambda w: w.reshape(5, 4, 6, 6).transpose(0, 2, 3, 1).reshape(5, -1))
+    report = layerdiff.compare(net, str(hwc), "uniform:-1,1:1")
+    fd = report.first_divergence
+    assert fd.pair.ref_name == "fc" and [c.kind for c in fd.pair.cand] == ["Flatten", "Gemm"]
+    top = report.findings[0]
+    assert top.kind == "flatten_order" and "fc.fc.weight" in top.fix
+    assert "H,W,C order" in top.cause and top.error_after <= fd.tolerance

@@ -22,7 +22,8 @@ from layerdiff.diagnose.probes.pooling import _caffe_setting
 
 #: parameters this close count as equal (float32 storage)
 _RTOL = 1e-4
-_LOAD = 'import onnx; from onnx import numpy_helper; m = onnx.load("model.onnx"); '
+_LOAD = ('import numpy as np, onnx; from onnx import numpy_helper; '
+         'm = onnx.load("model.onnx"); ')
 _SAVE = '; onnx.save(m, "model_fixed.onnx")'
 
 
@@ -176,4 +177,77 @@ def onnx_pooling(case: LayerCase) -> Finding | None:
                      f"{', '.join(changed)}")
             return finding(case, kind, cause, ev, attribute_fix(rec.name, trial), fixed,
                            "onnx_pooling", changed=list(changed), onnx=True)
+    return None
+
+
+# -- weight layout: conv kernels, Gemm after a flatten -----------------------------------------
+
+#: (kind, cause, rearrangement, the same as code on ``numpy_helper.to_array(t)``)
+_CONV_FORMS: list[tuple[str, str, Any, str]] = [
+    ("conv_kernel_flipped", "the conv kernel is flipped in height and width (a true "
+     "convolution's kernel; Caffe correlates)", lambda w: w[:, :, ::-1, ::-1],
+     "numpy_helper.to_array(t)[:, :, ::-1, ::-1]"),
+    ("conv_kernel_hw_transposed", "the conv kernel's height and width are swapped",
+     lambda w: w.transpose(0, 1, 3, 2), "numpy_helper.to_array(t).transpose(0, 1, 3, 2)"),
+    ("bgr_rgb_first_conv", "the conv's input channels are in reversed order (RGB vs BGR)",
+     lambda w: w[:, ::-1], "numpy_helper.to_array(t)[:, ::-1]"),
+]
+
+
+def _hwc_to_chw(w: np.ndarray, c: int, h: int, wd: int) -> np.ndarray:
+    return w.reshape(w.shape[0], h, wd, c).transpose(0, 3, 1, 2).reshape(w.shape[0], -1)
+
+
+def _chw_to_hwc(w: np.ndarray, c: int, h: int, wd: int) -> np.ndarray:
+    return w.reshape(w.shape[0], c, h, wd).transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
+
+
+def _weight_trials(case: LayerCase, rec: Any) -> list[tuple[str, str, np.ndarray, str]]:
+    w = np.asarray(rec.params["weight"])
+    if rec.kind == "Conv" and w.ndim == 4:
+        return [(k, c, np.ascontiguousarray(f(w)), e) for k, c, f, e in _CONV_FORMS
+                if k != "bgr_rgb_first_conv" or w.shape[1] == 3]
+    x = case.ref_inputs[0] if case.ref_inputs else None
+    if rec.kind != "Gemm" or w.ndim != 2 or x is None or np.ndim(x) != 4:
+        return []
+    c, h, wd = np.shape(x)[1:]
+    trans = bool(rec.handle.attribute("transB", 0))
+    out_in = w if trans else w.T  # rows = outputs
+    if h * wd == 1 or out_in.shape[1] != c * h * wd:
+        return []
+    back = (lambda a: a) if trans else (lambda a: a.T)
+    t_expr = "" if trans else ".T"
+    trials = []
+    for f, name, code in ((_hwc_to_chw, "H,W,C", f"reshape(-1, {h}, {wd}, {c}).transpose(0, 3, 1, "
+                           "2)"), (_chw_to_hwc, "C,H,W", f"reshape(-1, {c}, {h}, {wd}).transpose("
+                           "0, 2, 3, 1)")):
+        fixed = np.ascontiguousarray(back(f(out_in, c, h, wd)))
+        expr = f"numpy_helper.to_array(t){t_expr}.{code}.reshape({out_in.shape[0]}, -1){t_expr}"
+        trials.append(("flatten_order", f"the Gemm's weight columns are in {name} order; the "
+                       "values reaching it are Caffe's flatten of N,C,H,W", fixed, expr))
+    return trials
+
+
+@probe("onnx_weight_layout")
+def onnx_weight_layout(case: LayerCase) -> Finding | None:
+    """A Conv/Gemm initializer in another layout than Caffe's: kernel flipped or its height and
+    width swapped, input channels reversed, Gemm columns in H,W,C flatten order."""
+    site = onnx_node(case, ("Conv", "Gemm"))
+    if site is None or "weight" not in site[1].params or not case.ref_inputs:
+        return None
+    pos, rec = site
+    name = rec.attrs.get("initializers", {}).get("weight", "weight")
+    w = np.asarray(rec.params["weight"])
+    for kind, cause, arranged, expr in _weight_trials(case, rec):
+        if arranged.shape != w.shape or np.array_equal(arranged, w):
+            continue
+        out = case.rerun(replace={pos: rec.handle.with_params(weight=arranged)})
+        fixed = check_fix(case, out)
+        if fixed is None:
+            continue
+        ev = f"ONNX initializer {name} {list(w.shape)} rearranged as {expr} fixes node {rec.name}"
+        fix = (f"{_LOAD}[t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray({expr}), "
+               f"t.name)) for t in m.graph.initializer if t.name == {name!r}]{_SAVE}")
+        return finding(case, kind, cause, ev, fix, fixed, "onnx_weight_layout",
+                       initializer=name, onnx=True)
     return None
