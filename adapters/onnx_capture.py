@@ -24,8 +24,8 @@ import numpy as np
 from layerdiff.adapters.onnx_load import (
     PARAM_ROLES,
     OnnxModel,
-    _first_line,
     exporter_module_paths,
+    first_line,
     require_onnx,
     static_values,
 )
@@ -62,7 +62,7 @@ def new_session(ort: Any, proto_bytes: bytes, level: str, where: str, threads: i
                                     providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise UnsupportedError(f"{where}: onnxruntime cannot run this model "
-                               f"({_first_line(e)})") from None
+                               f"({first_line(e)})") from None
 
 
 def optimized_model(model: OnnxModel, level: str) -> OnnxModel:
@@ -78,7 +78,7 @@ def optimized_model(model: OnnxModel, level: str) -> OnnxModel:
                                  providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001
             raise UnsupportedError(f"{model.path}: onnxruntime cannot run this model "
-                                   f"({_first_line(e)})") from None
+                                   f"({first_line(e)})") from None
         proto = onnx.load(so.optimized_model_filepath)
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     notes = [*model.notes, f"recorded onnxruntime's graph after '{level}' optimizations "
@@ -110,7 +110,7 @@ def capture_onnx(model: OnnxModel, inputs: dict[str, np.ndarray], *, optimize: s
         arrays = sess.run(None, feeds)
     except Exception as e:  # noqa: BLE001
         raise UnsupportedError(f"{model.path}: onnxruntime failed to run the model "
-                               f"({_first_line(e)})") from None
+                               f"({first_line(e)})") from None
     values: dict[str, np.ndarray] = {**model.initializers, **feeds, **dict(zip(names, arrays,
                                                                       strict=True))}
     return _records(model, feeds, values, optimize, progress)

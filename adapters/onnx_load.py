@@ -89,7 +89,7 @@ class OnnxModel:
                 if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
 
@@ -103,7 +103,7 @@ def load_onnx(path: str | Path) -> OnnxModel:
     try:
         proto = onnx.load(str(file), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as e:
-        raise ModelFormatError(f"{file}: not a readable ONNX model ({_first_line(e)})") from None
+        raise ModelFormatError(f"{file}: not a readable ONNX model ({first_line(e)})") from None
     if not proto.graph.node:
         raise ModelFormatError(f"{file}: not a readable ONNX model (the graph has no nodes)")
     _load_external(onnx, proto, file)
@@ -112,12 +112,12 @@ def load_onnx(path: str | Path) -> OnnxModel:
     except (onnx.checker.ValidationError, ValueError) as e:
         # A model over 2 GB can only be checked by path.
         if "2GB" not in str(e):
-            raise ModelFormatError(f"{file}: invalid ONNX model ({_first_line(e)})") from None
+            raise ModelFormatError(f"{file}: invalid ONNX model ({first_line(e)})") from None
     notes: list[str] = []
     try:
         proto = onnx.shape_inference.infer_shapes(proto)
     except Exception as e:  # noqa: BLE001 - shapes are a convenience; the run measures them
-        notes.append(f"shape inference failed ({_first_line(e)}); shapes come from the run")
+        notes.append(f"shape inference failed ({first_line(e)}); shapes come from the run")
     from onnx import numpy_helper
 
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
@@ -143,7 +143,7 @@ def _load_external(onnx: Any, proto: Any, file: Path) -> None:
     try:
         onnx.load_external_data_for_model(proto, str(file.parent))
     except (OSError, ValueError, RuntimeError) as e:
-        raise ModelFormatError(f"{file}: cannot read its external data ({_first_line(e)})"
+        raise ModelFormatError(f"{file}: cannot read its external data ({first_line(e)})"
                                ) from None
 
 

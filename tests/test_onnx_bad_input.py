@@ -67,6 +67,11 @@ def test_folder_with_two_models(tmp_path, capsys):
     _fails(capsys, tmp_path, ["run", tmp_path], "exactly one .onnx", "a.onnx, b.onnx")
 
 
+def test_audit_refuses_an_onnx_candidate(tmp_path, capsys, example_dir):
+    path = small_graph(tmp_path / "m.onnx")
+    _fails(capsys, tmp_path, ["audit", example_dir, path], "m.onnx", "layerdiff compare")
+
+
 def test_dtype_does_not_apply(tmp_path, capsys):
     path = small_graph(tmp_path / "m.onnx")
     _fails(capsys, tmp_path, ["run", path, "--dtype", "float64"], "m.onnx", "--dtype float64")
