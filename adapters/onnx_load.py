@@ -74,6 +74,8 @@ class OnnxModel:
     #: values constant for one input shape (initializers, Constant, shape arithmetic)
     static: set[str]
     notes: list[str] = field(default_factory=list)
+    #: the file alone holds the whole model as ``proto`` has it (no external data, not rewritten)
+    self_contained: bool = False
 
     @property
     def opset(self) -> int:
@@ -106,6 +108,9 @@ def load_onnx(path: str | Path) -> OnnxModel:
         raise ModelFormatError(f"{file}: not a readable ONNX model ({first_line(e)})") from None
     if not proto.graph.node:
         raise ModelFormatError(f"{file}: not a readable ONNX model (the graph has no nodes)")
+    from onnx.external_data_helper import uses_external_data
+
+    self_contained = not any(uses_external_data(t) for t in proto.graph.initializer)
     _load_external(onnx, proto, file)
     try:
         onnx.checker.check_model(proto)
@@ -127,7 +132,8 @@ def load_onnx(path: str | Path) -> OnnxModel:
                      "inputs (older exporters): treated as weights, never fed")
     inputs = {v.name: _dims(v) for v in fed}
     dtypes = {v.name: _np_dtype(v.type.tensor_type.elem_type) for v in fed}
-    return OnnxModel(file, proto, inputs, dtypes, inits, static_values(proto, set(inits)), notes)
+    return OnnxModel(file, proto, inputs, dtypes, inits, static_values(proto, set(inits)), notes,
+                     self_contained)
 
 
 def _load_external(onnx: Any, proto: Any, file: Path) -> None:

@@ -161,3 +161,16 @@ def test_onnx_trace_aligns_with_saved_copy(tmp_path):
     trace.save(tmp_path / "t.npz")
     al = align(Trace.load(tmp_path / "t.npz"), trace)
     assert [p.method for p in al.pairs] == ["exact"] * 4
+
+
+def test_file_bytes_plus_outputs_equal_reserialized_model(tmp_path):
+    from dataclasses import replace
+
+    model = load_onnx(small_graph(tmp_path / "m.onnx", inits_as_inputs=True))
+    assert model.self_contained
+    x = _x()
+    fast = capture_onnx(model, {"x": x})
+    slow = capture_onnx(replace(model, self_contained=False), {"x": x})
+    assert fast.names() == slow.names()
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_array_equal(a.output, b.output)
