@@ -113,14 +113,15 @@ def load_onnx(path: str | Path) -> OnnxModel:
     self_contained = not any(uses_external_data(t) for t in proto.graph.initializer)
     _load_external(onnx, proto, file)
     try:
-        onnx.checker.check_model(proto)
+        # By path the checker reads the file in C++; from Python it would serialize it again.
+        onnx.checker.check_model(str(file) if self_contained else proto)
     except (onnx.checker.ValidationError, ValueError) as e:
         # A model over 2 GB can only be checked by path.
         if "2GB" not in str(e):
             raise ModelFormatError(f"{file}: invalid ONNX model ({first_line(e)})") from None
     notes: list[str] = []
     try:
-        proto = onnx.shape_inference.infer_shapes(proto)
+        _infer_shapes(onnx, proto)
     except Exception as e:  # noqa: BLE001 - shapes are a convenience; the run measures them
         notes.append(f"shape inference failed ({first_line(e)}); shapes come from the run")
     from onnx import numpy_helper
@@ -134,6 +135,21 @@ def load_onnx(path: str | Path) -> OnnxModel:
     dtypes = {v.name: _np_dtype(v.type.tensor_type.elem_type) for v in fed}
     return OnnxModel(file, proto, inputs, dtypes, inits, static_values(proto, set(inits)), notes,
                      self_contained)
+
+
+def _infer_shapes(onnx: Any, proto: Any) -> None:
+    """Add the inferred ``value_info`` to ``proto``, inferring on a copy whose big initializers
+    carry their dims but not their bytes (a ResNet-50's 100 MB would be serialized twice)."""
+    light = onnx.ModelProto()
+    light.CopyFrom(proto)
+    for t in light.graph.initializer:
+        if len(t.raw_data) > 4096:
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL  # dims and type only
+            t.external_data.add(key="location", value="layerdiff-shape-inference-only")
+    inferred = onnx.shape_inference.infer_shapes(light)
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(inferred.graph.value_info)
 
 
 def _load_external(onnx: Any, proto: Any, file: Path) -> None:

@@ -295,10 +295,7 @@ def candidate_inputs(feeds, candidate, opts) -> dict[str, np.ndarray] | None:
             # Only the input names are needed: read the prototxt, not the weights.
             proto = opts.prototxt or find_model_files(candidate)[0]
             names = list(load_caffe(prototxt=proto, shape=opts.shape).inputs)
-        elif detect_framework(candidate) == "onnx":
-            from layerdiff.sources import onnx_input_names
-
-            names = onnx_input_names(candidate)
+        # an ONNX candidate pairs the arrays itself (sources.trace_onnx): no second model load
     if names is None:
         return feeds
     if set(names) == set(feeds):  # same names: pair by name, whatever the order

@@ -108,20 +108,12 @@ def trace_onnx(path: str | Path, specs: dict[str | None, InputSpec], opts: Model
     model = load_onnx(path)
     if inputs is None:
         inputs = make_inputs(specs, resolve_shapes(model, opts.shape))
+    elif set(inputs) != set(model.inputs):
+        if len(inputs) < len(model.inputs):
+            raise InputSpecError(f"{path}: the model's inputs are {list(model.inputs)}; the "
+                                 f"other side feeds only {list(inputs)}")
+        # other names: by position, as for the other frameworks
+        inputs = dict(zip(model.inputs, inputs.values(), strict=False))
     return capture_onnx(model, inputs, optimize=opts.extra.get("onnx_optimize", "none"),
                         progress=progress)
 
-
-def onnx_input_names(path: str | Path) -> list[str]:
-    """The inputs an ONNX model is fed (initializers listed as inputs excluded), read without
-    its weights."""
-    from layerdiff.adapters.onnx import find_onnx_file, require_onnx
-
-    onnx, _ = require_onnx()
-    file = find_onnx_file(path)
-    try:
-        proto = onnx.load(str(file), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - protobuf/ONNX raise several types; one line
-        raise ModelFormatError(f"{file}: not a readable ONNX model ({e})") from None
-    inits = {t.name for t in proto.graph.initializer}
-    return [v.name for v in proto.graph.input if v.name not in inits]
