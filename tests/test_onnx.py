@@ -192,3 +192,11 @@ def test_gemm_columns_in_hwc_order(tmp_path):
     top = report.findings[0]
     assert top.kind == "flatten_order" and "fc.fc.weight" in top.fix
     assert "H,W,C order" in top.cause and top.error_after <= fd.tolerance
+
+
+def test_onnx_vs_its_float16_version(resnet20):
+    report = layerdiff.compare(str(resnet20["good"]), str(resnet20["fp16"]), "uniform:-1,1:7")
+    assert not report
+    assert all(p.method == "exact" for p in report.alignment.pairs)
+    kinds = {f.kind for f in report.findings}
+    assert kinds and kinds <= PRECISION, [(f.kind, f.layer, f.cause) for f in report.findings]
