@@ -109,6 +109,13 @@ def test_eps_and_pooling_mistakes_named_in_onnx_terms(demo):
     assert pool.layer.startswith("pool1 <-> /maxpool/MaxPool")
     assert "ceil_mode = 0 (Caffe: 1)" in pool.evidence
     assert "make_attribute('ceil_mode', 1)" in pool.fix
+    # The two fixes, run as printed, repair the file: it then passes.
+    exec(eps.fix, {})  # noqa: S102 - layerdiff's own output, the point of the test
+    fixed = demo["mutated"].with_name("mutated_fixed.onnx")
+    assert fixed.is_file()
+    exec(pool.fix.replace(str(demo["mutated"]), str(fixed)), {})  # noqa: S102
+    report = _compare(demo["sc"].caffe, fixed)
+    assert report, _failing(report)
 
 
 # -- the real CIFAR ResNet-20 of the corpus ----------------------------------------------------
@@ -151,6 +158,11 @@ def test_resnet20_bad_export_first_bn(resnet20):
     assert fd.pair.ref_name == "BatchNorm1" and fd.pair.cand[0].kind == "BatchNormalization"
     top = report.findings[0]
     assert top.kind == "bn_scale_factor" and top.layer.startswith("BatchNorm1 <->")
+    exec(top.fix, {})  # noqa: S102 - the printed fix repairs that BatchNormalization
+    repaired = layerdiff.compare(resnet20["net"], str(resnet20["bad"].with_name("bad_fixed.onnx")),
+                                 "uniform:-1,1:7")
+    assert repaired.first_divergence.pair.ref_name != "BatchNorm1"
+    assert {r.pair.ref_name: r for r in repaired.results}["BatchNorm1"].passed
 
 
 def test_float16_graph_is_precision_not_a_bug(resnet20):

@@ -22,9 +22,6 @@ from layerdiff.diagnose.probes.pooling import _caffe_setting
 
 #: parameters this close count as equal (float32 storage)
 _RTOL = 1e-4
-_LOAD = ('import numpy as np, onnx; from onnx import numpy_helper; '
-         'm = onnx.load("model.onnx"); ')
-_SAVE = '; onnx.save(m, "model_fixed.onnx")'
 
 
 def onnx_node(case: LayerCase, op_types: tuple[str, ...]) -> tuple[int, Any] | None:
@@ -35,19 +32,27 @@ def onnx_node(case: LayerCase, op_types: tuple[str, ...]) -> tuple[int, Any] | N
     return None
 
 
+def patch_file(case: LayerCase, body: str) -> str:
+    """``body`` (statements on the loaded model ``m``) as a script patching the candidate file."""
+    src = str(case.cand_trace.meta.get("model") or "model.onnx")
+    dst = src[:-5] + "_fixed.onnx" if src.endswith(".onnx") else src + "_fixed.onnx"
+    return (f"import numpy as np, onnx; from onnx import numpy_helper; m = onnx.load({src!r}); "
+            f"{body}; onnx.save(m, {dst!r})")
+
+
 def scale_initializers_fix(names: list[str], divisor: float) -> str:
     """The ``onnx`` lines dividing initializers ``names`` by ``divisor`` in the file."""
-    return (f"{_LOAD}[t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) / "
-            f"{divisor:.6g}, t.name)) for t in m.graph.initializer if t.name in {names!r}]{_SAVE}")
+    return (f"[t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) / {divisor:.6g}, "
+            f"t.name)) for t in m.graph.initializer if t.name in {names!r}]")
 
 
 def attribute_fix(node: str, attrs: dict[str, Any]) -> str:
     """The ``onnx`` lines setting attributes of node ``node`` in the file."""
     sets = ", ".join(f"onnx.helper.make_attribute({k!r}, {_literal(v)})"
                      for k, v in attrs.items())
-    return (f"{_LOAD}n = next(n for n in m.graph.node if n.name == {node!r}); "
+    return (f"n = next(n for n in m.graph.node if n.name == {node!r}); "
             f"keep = [a for a in n.attribute if a.name not in {sorted(attrs)!r}]; "
-            f"del n.attribute[:]; n.attribute.extend(keep + [{sets}]){_SAVE}")
+            f"del n.attribute[:]; n.attribute.extend(keep + [{sets}])")
 
 
 def _literal(v: Any) -> str:
@@ -126,7 +131,7 @@ def _bn_finding(case: LayerCase, rec: Any, bn: CaffeBN, what: str, mean: np.ndar
                      f"batch_norm_param.eps = {bn.eps:g}")
         parts.append(f"node {rec.name} attribute epsilon = {eps:g}, Caffe eps = {bn.eps:g}")
         fixes.append(attribute_fix(rec.name, {"epsilon": float(bn.eps)}))
-    fix = fixes[0] if len(fixes) == 1 else "; then ".join(fixes)
+    fix = patch_file(case, "; ".join(fixes))
     return finding(case, kind, cause, "; ".join(parts), fix, fixed, "onnx_batchnorm",
                    initializers=[m_name, v_name], scale_factor=bn.s, onnx=True)
 
@@ -175,8 +180,9 @@ def onnx_pooling(case: LayerCase) -> Finding | None:
             kind = _POOL_KINDS.get(tuple(sorted(changed)), "pool_geometry")
             cause = (f"the ONNX {rec.kind} differs from Caffe's pooling in "
                      f"{', '.join(changed)}")
-            return finding(case, kind, cause, ev, attribute_fix(rec.name, trial), fixed,
-                           "onnx_pooling", changed=list(changed), onnx=True)
+            fix = patch_file(case, attribute_fix(rec.name, trial))
+            return finding(case, kind, cause, ev, fix, fixed, "onnx_pooling",
+                           changed=list(changed), onnx=True)
     return None
 
 
@@ -246,8 +252,8 @@ def onnx_weight_layout(case: LayerCase) -> Finding | None:
         if fixed is None:
             continue
         ev = f"ONNX initializer {name} {list(w.shape)} rearranged as {expr} fixes node {rec.name}"
-        fix = (f"{_LOAD}[t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray({expr}), "
-               f"t.name)) for t in m.graph.initializer if t.name == {name!r}]{_SAVE}")
+        fix = patch_file(case, f"[t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray("
+                         f"{expr}), t.name)) for t in m.graph.initializer if t.name == {name!r}]")
         return finding(case, kind, cause, ev, fix, fixed, "onnx_weight_layout",
                        initializer=name, onnx=True)
     return None
