@@ -192,8 +192,8 @@ def cmd_inspect(args) -> int:
                                          not any(Path(model).glob("*.prototxt"))):
         return _inspect_onnx(model, args.json)
     if Path(model).suffix in (".npz", ".py", ".pt", ".pth", ".pt2"):
-        raise LayerdiffError(f"{model}: inspect reads Caffe and ONNX models (a prototxt or its "
-                             "directory, a .onnx)")
+        raise LayerdiffError(f"{model}: inspect reads Caffe models (a prototxt or its directory) "
+                             "and ONNX models (.onnx)")
     ins = inspect_net(load_caffe_model(model, _options(args)))
     if args.json:
         print(json.dumps(ins.to_dict(), indent=1))

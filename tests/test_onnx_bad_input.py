@@ -24,6 +24,12 @@ def test_truncated_file(tmp_path, capsys):
     _fails(capsys, tmp_path, ["run", bad], "cut.onnx", "ONNX model")
 
 
+def test_bytes_that_hold_no_graph(tmp_path, capsys, example_dir):
+    f = tmp_path / "model.onnx"
+    f.write_bytes(b"\x08\x07")  # a ModelProto with ir_version 7 and nothing else
+    _fails(capsys, tmp_path, ["compare", example_dir, f], "model.onnx", "no nodes")
+
+
 def test_corrupt_bytes(tmp_path, capsys):
     bad = tmp_path / "noise.onnx"
     bad.write_bytes(bytes(range(256)) * 8)
