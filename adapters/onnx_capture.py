@@ -154,6 +154,10 @@ def _records(model: OnnxModel, feeds: dict[str, np.ndarray], values: dict[str, n
     }, inputs=dict(feeds))
     taken: set[str] = set()
     reduced = False
+    # An exporter that deduplicates equal weights feeds nodes Identity(initializer): the
+    # initializer is what a fix must patch.
+    aliases = {n.output[0]: n.input[0] for n in proto.graph.node
+               if n.op_type == "Identity" and n.input and n.input[0] in model.initializers}
     nodes = list(proto.graph.node)
     for i, node in enumerate(nodes):
         tops = [o for o in node.output if o]
@@ -172,7 +176,7 @@ def _records(model: OnnxModel, feeds: dict[str, np.ndarray], values: dict[str, n
                 role = roles.get(k, f"input{k}")
                 consts[x] = values[x]
                 params[role] = values[x]
-                inits[role] = x
+                inits[role] = aliases.get(x, x)
         bottoms = [x for x in node.input if x and x not in model.static]
         outs = [values[o] for o in tops]
         dtype = str(outs[0].dtype)

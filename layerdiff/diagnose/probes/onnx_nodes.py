@@ -66,7 +66,8 @@ def _close(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def _vec(x: Any) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64).reshape(-1)
+    """A parameter or Caffe blob (its ``data``) as a flat float64 vector."""
+    return np.asarray(getattr(x, "data", x), dtype=np.float64).reshape(-1)
 
 
 # -- BatchNormalization ---------------------------------------------------------------------
@@ -123,7 +124,13 @@ def _bn_finding(case: LayerCase, rec: Any, bn: CaffeBN, what: str, mean: np.ndar
         parts.append(f"ONNX initializer {m_name}[{k}] = {mean[k]:.6g} equals Caffe {caffe} "
                      f"blob0[{k}] = {bn.raw_mean[k]:.6g}; Caffe computes with blob0 / s = "
                      f"{bn.mean[k]:.6g}, and {v_name} is blob1 likewise undivided")
-        fixes.append(scale_initializers_fix([m_name, v_name], bn.s))
+        every = _undivided_everywhere(case, bn.s)
+        if every and what == "stats":
+            parts.append(f"every BatchNormalization of the file ({len(every) // 2}) holds its "
+                         f"Caffe statistics undivided by s = {bn.s:.6g}")
+            fixes.append(scale_initializers_fix(every, bn.s))
+        else:
+            fixes.append(scale_initializers_fix([m_name, v_name], bn.s))
     if "eps" in what:
         if what == "eps":
             kind = "bn_eps"
@@ -134,6 +141,32 @@ def _bn_finding(case: LayerCase, rec: Any, bn: CaffeBN, what: str, mean: np.ndar
     fix = patch_file(case, "; ".join(fixes))
     return finding(case, kind, cause, "; ".join(parts), fix, fixed, "onnx_batchnorm",
                    initializers=[m_name, v_name], scale_factor=bn.s, onnx=True)
+
+
+def _undivided_everywhere(case: LayerCase, s: float) -> list[str] | None:
+    """The mean/var initializers of every BatchNormalization of the candidate when each one is
+    aligned with a Caffe BatchNorm of factor ``s`` and holds its blobs undivided (one converter
+    loop made them all), else None."""
+    names: list[str] = []
+    pairs = case.report.alignment.pairs
+    n_bn = sum(1 for r in case.cand_trace if r.kind == "BatchNormalization")
+    for p in pairs:
+        rec = next((c for c in p.cand if c.kind == "BatchNormalization"), None)
+        if rec is None:
+            continue
+        lay = next((r.handle.layer for r in p.ref if getattr(r.handle, "layer", None) is not None
+                    and r.handle.layer.type == "BatchNorm"), None)
+        if lay is None or len(lay.blobs) < 3 or _vec(lay.blobs[2])[0] != s or \
+                not {"running_mean", "running_var"} <= set(rec.params):
+            return None
+        if not (_close(_vec(rec.params["running_mean"]), _vec(lay.blobs[0])) and
+                _close(_vec(rec.params["running_var"]), _vec(lay.blobs[1]))):
+            return None
+        inits = rec.attrs.get("initializers", {})
+        names += [inits["running_mean"], inits["running_var"]]
+    if len(names) != 2 * n_bn or n_bn < 2:
+        return None
+    return list(dict.fromkeys(names))
 
 
 # -- pooling --------------------------------------------------------------------------------
