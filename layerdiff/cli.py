@@ -28,7 +28,8 @@ err = Console(stderr=True, highlight=False)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", help="model directory, prototxt, torch model or trace .npz")
+    p.add_argument("model", nargs="?",
+                   help="model directory, prototxt, torch model, .onnx or trace .npz")
     p.add_argument("--prototxt", help="Caffe deploy prototxt (instead of finding it in MODEL)")
     p.add_argument("--weights", help="Caffe .caffemodel, or torch state_dict beside model.py")
     p.add_argument("--shape", help="input shape N,C,H,W (or NAME=N,C,H,W;NAME2=...)")
@@ -42,6 +43,9 @@ def _side_args(p: argparse.ArgumentParser) -> None:
                        help=f"{side} precision (default --dtype)")
         p.add_argument(f"--{side}-device", choices=["cpu", "cuda"],
                        help=f"{side} torch device (default --device)")
+        p.add_argument(f"--{side}-onnx-optimize", choices=["none", "basic", "extended"],
+                       help=f"{side} ONNX: onnxruntime graph optimizations (default "
+                            "--onnx-optimize)")
     p.add_argument("--shape", help="input shape N,C,H,W (or NAME=N,C,H,W;...)")
 
 
@@ -62,16 +66,19 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help="do not call eval() on a torch model that arrived in train mode")
     p.add_argument("--stream", metavar="DIR",
                    help="write each layer output to DIR as it is computed (memory-mapped)")
+    p.add_argument("--onnx-optimize", default="none", choices=["none", "basic", "extended"],
+                   help="ONNX models: record onnxruntime's optimized graph instead of the "
+                        "file's own nodes (default none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="layerdiff",
-        description="Layer-by-layer numerical diff for model ports (Caffe <-> PyTorch).")
+        description="Layer-by-layer numerical diff for model ports (Caffe <-> PyTorch <-> ONNX).")
     ap.add_argument("--version", action="version", version=_version())
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("inspect", help="list a Caffe model's layers, shapes and port traps")
+    p = sub.add_parser("inspect", help="list a Caffe or ONNX model's layers, shapes and port traps")
     _model_args(p)
     p.add_argument("--json", action="store_true", help="print the same content as JSON")
     p.set_defaults(func=cmd_inspect)
@@ -84,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="run two models on one input and find where they diverge")
-    p.add_argument("reference", help="reference: Caffe model, torch model or trace .npz")
-    p.add_argument("candidate", help="candidate: Caffe model, torch model or trace .npz")
+    p.add_argument("reference", help="reference: Caffe model, torch model, .onnx or trace .npz")
+    p.add_argument("candidate", help="candidate: Caffe model, torch model, .onnx or trace .npz")
     _side_args(p)
     _run_args(p)
     p.add_argument("--map", help="TOML map file pairing layer names (see docs/alignment.md)")
@@ -180,7 +187,8 @@ def _options(args):
         dtype=getattr(args, "dtype", "float32"), device=getattr(args, "device", "cpu"),
         trust_pickle=getattr(args, "trust_pickle", False),
         keep_train_mode=getattr(args, "keep_train_mode", False),
-        stream_dir=getattr(args, "stream", None))
+        stream_dir=getattr(args, "stream", None),
+        extra={"onnx_optimize": getattr(args, "onnx_optimize", "none")})
 
 
 # -- inspect --------------------------------------------------------------------------------
@@ -189,8 +197,13 @@ def cmd_inspect(args) -> int:
     from layerdiff.sources import load_caffe_model
 
     model = _require_model(args)
+    if Path(model).suffix == ".onnx" or (Path(model).is_dir() and not args.prototxt and
+                                         any(Path(model).glob("*.onnx")) and
+                                         not any(Path(model).glob("*.prototxt"))):
+        return _inspect_onnx(model, args.json)
     if Path(model).suffix in (".npz", ".py", ".pt", ".pth", ".pt2"):
-        raise LayerdiffError(f"{model}: inspect reads Caffe models (a prototxt or its directory)")
+        raise LayerdiffError(f"{model}: inspect reads Caffe models (a prototxt or its directory) "
+                             "and ONNX models (.onnx)")
     ins = inspect_net(load_caffe_model(model, _options(args)))
     if args.json:
         print(json.dumps(ins.to_dict(), indent=1))
@@ -213,6 +226,33 @@ def cmd_inspect(args) -> int:
     if not ins.weights:
         lines.append("no caffemodel: structure only (blob values unknown)")
     out.print(Panel("\n".join(lines) or "nothing to report", title="findings"))
+    return 0
+
+
+def _inspect_onnx(model: str, as_json: bool) -> int:
+    from layerdiff.adapters.onnx import load_onnx
+    from layerdiff.adapters.onnx_inspect import inspect_onnx
+
+    ins = inspect_onnx(load_onnx(model))
+    if as_json:
+        print(json.dumps(ins.to_dict(), indent=1))
+        return 0
+    table = Table(title=f"{ins.model} ({ins.producer or 'unknown producer'}, opset {ins.opset})",
+                  title_justify="left", header_style="bold")
+    for col in ("#", "name", "op", "inputs -> outputs", "output shape", "attributes",
+                "initializers"):
+        table.add_column(col, overflow="fold")
+    for r in ins.nodes:
+        shapes = " ".join("?" if s is None else "x".join(map(str, s)) for s in r.output_shapes)
+        inits = " ".join("x".join(map(str, s)) or "scalar" for s in r.initializers)
+        flow = f"{', '.join(x for x in r.inputs if x) or '-'} -> {', '.join(r.outputs)}"
+        table.add_row(str(r.index), r.name, r.op_type, flow, shapes, r.attrs, inits)
+    out.print(table)
+    inputs = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in ins.inputs.items())
+    lines = [f"inputs: {inputs}"]
+    lines += [f"[bold]{t.kind}[/]: {escape(t.message)}" for t in ins.traps]
+    lines += [f"note: {escape(n)}" for n in ins.notes]
+    out.print(Panel("\n".join(lines), title="findings"))
     return 0
 
 
@@ -281,7 +321,8 @@ def _side_options(args, side: str):
         dtype=getattr(args, f"{side}_dtype") or args.dtype,
         device=getattr(args, f"{side}_device") or args.device,
         trust_pickle=args.trust_pickle, keep_train_mode=args.keep_train_mode,
-        stream_dir=(str(Path(args.stream) / side) if args.stream else None))
+        stream_dir=(str(Path(args.stream) / side) if args.stream else None),
+        extra={"onnx_optimize": getattr(args, f"{side}_onnx_optimize") or args.onnx_optimize})
 
 
 def _check_output(path: Path | None, force: bool) -> None:

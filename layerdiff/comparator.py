@@ -260,7 +260,7 @@ def compare(
                         step("candidate"))
     noise_of: dict[str, float] | None = None
     if noise_floor and not isinstance(reference, Trace) and ropts.dtype == "float32" and \
-            not _is_saved_trace(reference):
+            not _is_saved_trace(reference) and not _is_onnx(reference):
         from dataclasses import replace
 
         stream = str(Path(ropts.stream_dir) / "float64") if ropts.stream_dir else None
@@ -316,6 +316,15 @@ def _is_saved_trace(x: Any) -> bool:
     return isinstance(x, (str, Path)) and Path(x).suffix == ".npz"
 
 
+def _is_onnx(x: Any) -> bool:
+    """An ONNX model runs in its graph's own types: it has no float64 run to measure noise."""
+    if not isinstance(x, (str, Path)):
+        return False
+    from layerdiff.sources import detect_framework
+
+    return detect_framework(x) == "onnx"
+
+
 def _trace(model: Any, specs, opts, feeds, progress) -> Trace:
     from layerdiff.sources import trace_model
 
@@ -367,7 +376,12 @@ def candidate_inputs(feeds, candidate, opts) -> dict[str, np.ndarray] | None:
             # Only the input names are needed: read the prototxt, not the weights.
             proto = opts.prototxt or find_model_files(candidate)[0]
             names = list(load_caffe(prototxt=proto, shape=opts.shape).inputs)
-    return feeds if names is None else dict(zip(names, feeds.values(), strict=False))
+        # an ONNX candidate pairs the arrays itself (sources.trace_onnx): no second model load
+    if names is None:
+        return feeds
+    if set(names) == set(feeds):  # same names: pair by name, whatever the order
+        return {n: feeds[n] for n in names}
+    return dict(zip(names, feeds.values(), strict=False))
 
 
 def _noise_by_record(lo: Trace, hi: Trace) -> dict[str, float]:

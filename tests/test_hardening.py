@@ -532,9 +532,9 @@ def test_inspect_refuses_non_caffe(tmp_path, capsys):
 
 
 def test_compare_unknown_file_kind(tmp_path, example_dir, capsys):
-    f = tmp_path / "model.onnx"
+    f = tmp_path / "model.tflite"  # (.onnx is a model format now: tests/test_onnx_bad_input.py)
     f.write_bytes(b"\x08\x07")
-    _fails(capsys, tmp_path, ["compare", example_dir, f], "model.onnx",
+    _fails(capsys, tmp_path, ["compare", example_dir, f], "model.tflite",
            "cannot tell the model format")
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from layerdiff.align.fingerprint import tie_by_parameters
 from layerdiff.align.kinds import (
     CAND_GROUPS,
+    CAND_TAIL_GROUPS,
     FOLD_TARGETS,
     GLOBAL_POOL_ONLY,
     PASSTHROUGH,
@@ -97,6 +98,12 @@ def normalize_name(name: str) -> str:
     return re.sub(r"[/._\-]+", "_", n.lower()).strip("_")
 
 
+def _normalized_key(rec: Record) -> str:
+    # An ONNX node exported from torch carries the module path it came from (``torch_module``,
+    # from ``/layer1/layer1.0/conv1/Conv`` or dynamo's name scopes): that is the name to match.
+    return normalize_name(rec.attrs.get("torch_module") or rec.name)
+
+
 def _steps(trace: Trace, ignore) -> list[Record]:
     return [r for r in trace if r.kind not in PASSTHROUGH and not r.attrs.get("container")
             and r.outputs and not ignore(r.name)]
@@ -127,15 +134,15 @@ def align(ref: Trace, cand: Trace, mapfile: MapFile | None = None) -> Alignment:
         used.update(pos)
 
     # 2-3. names
-    for method, key in (("exact", lambda n: n), ("normalized", normalize_name)):
+    for method, key in (("exact", lambda r: r.name), ("normalized", _normalized_key)):
         index: dict[str, list[int]] = {}
         for j, c in enumerate(cs):
             if j not in used:
-                index.setdefault(key(c.name), []).append(j)
+                index.setdefault(key(c), []).append(j)
         for i, r in enumerate(rs):
             if i in match:
                 continue
-            for j in index.get(key(r.name), []):
+            for j in index.get(key(r), []):
                 if j not in used and _name_compatible(r.kind, cs[j].kind):
                     match[i] = ([j], method, "")
                     used.add(j)
@@ -262,6 +269,8 @@ def _build_pairs(rs, cs, match, used) -> tuple[list[Pair], set[int]]:
     _join_preceding_batchnorm(pairs, rs, match)
     _absorb_reference_groups(pairs, rs, cs, match, used)
     absorbed_c = _absorb_candidate_groups(pairs, cs, used)
+    grouped = {j for j, c in enumerate(cs) if c.index in absorbed_c}
+    absorbed_c |= _absorb_candidate_tails(pairs, cs, used | grouped)
     pairs.sort(key=lambda p: p.ref[0].index)
     return pairs, absorbed_c
 
@@ -391,3 +400,38 @@ def _free_run(cs, start, fams, anchor, taken) -> list[int] | None:
         if k > start and not _chained(cs[k - 1], cs[k]):
             return None
     return run
+
+
+def _absorb_candidate_tails(pairs, cs, used) -> set[int]:
+    """Unmatched candidate records right after a pair that finish its reference's work: the
+    kinds of ``CAND_TAIL_GROUPS``, or more ONNX nodes exported from the same torch module."""
+    absorbed: set[int] = set()
+    cpos = {c.index: j for j, c in enumerate(cs)}
+    for p in pairs:
+        module = p.cand[-1].attrs.get("torch_module")
+        if module is not None and module == p.ref[-1].name:
+            j = cpos[p.cand[-1].index] + 1
+            while j < len(cs) and j not in used and cs[j].attrs.get("torch_module") == module \
+                    and _chained(p.cand[-1], cs[j]):
+                p.cand.append(cs[j])
+                absorbed.add(cs[j].index)
+                j += 1
+            if len(p.cand) > 1:
+                p.note = "; ".join(x for x in (p.note, "the module's ONNX nodes") if x)
+                continue
+        for ref_kind, cand_kinds, desc in CAND_TAIL_GROUPS:
+            if p.ref[-1].kind != ref_kind or [c.kind for c in p.cand] != list(cand_kinds[:1]):
+                continue
+            j = cpos[p.cand[-1].index]
+            tail = []
+            for kind in cand_kinds[1:]:
+                j += 1
+                if j >= len(cs) or j in used or cs[j].kind != kind or \
+                        not _chained((tail or p.cand)[-1], cs[j]):
+                    break
+                tail.append(cs[j])
+            if len(tail) == len(cand_kinds) - 1:
+                p.cand.extend(tail)
+                absorbed.update(c.index for c in tail)
+                p.note = "; ".join(x for x in (p.note, desc) if x)
+    return absorbed

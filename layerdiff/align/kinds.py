@@ -53,9 +53,40 @@ FAMILIES: dict[str, set[str]] = {
 #: scalar or a channel mean (``x / x.amax()``).
 GLOBAL_POOL_ONLY = {"mean", "amax", "max"}
 
+#: ONNX op types (onnxruntime's records of an .onnx graph), joined to the families above.
+ONNX_FAMILIES: dict[str, set[str]] = {
+    "conv": {"Conv", "FusedConv"},  # FusedConv: onnxruntime's conv + activation
+    "deconv": {"ConvTranspose"},
+    "linear": {"Gemm", "MatMul"},
+    "batchnorm": {"BatchNormalization"},
+    "relu": {"Relu", "LeakyRelu"},
+    "prelu": {"PRelu"},
+    "elu": {"Elu"},
+    "sigmoid": {"Sigmoid"},
+    "tanh": {"Tanh"},
+    "swish": {"HardSwish"},
+    "abs": {"Abs"},
+    "clip": {"Clip"},
+    "pool": {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean"},
+    "eltwise": {"Add", "Mul", "Sub", "Max", "Sum"},
+    "concat": {"Concat"},
+    "reshape": {"Flatten", "Reshape", "Squeeze", "Unsqueeze"},
+    "softmax": {"Softmax", "LogSoftmax"},
+    "dropout": {"Dropout"},
+    "lrn": {"LRN"},
+    "normalize": {"LpNormalization", "InstanceNormalization", "LayerNormalization",
+                  "GroupNormalization", "MeanVarianceNormalization"},
+    "resize": {"Resize", "Upsample"},
+    "permute": {"Transpose"},
+    "slice": {"Slice", "Split"},
+    "power": {"Pow", "Exp", "Log", "Sqrt"},
+}
+for _fam, _kinds in ONNX_FAMILIES.items():
+    FAMILIES[_fam] = FAMILIES[_fam] | _kinds
+
 #: Records that only route data: never aligned, never reported as unaligned.
 PASSTHROUGH = {"Input", "Split", "Silence", "contiguous", "clone", "detach", "to", "Identity",
-               "identity", "size"}
+               "identity", "size", "Cast"}
 
 _BY_KIND: dict[str, set[str]] = {}
 for _fam, _kinds in FAMILIES.items():
@@ -87,6 +118,12 @@ REF_GROUPS: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
     (("Convolution", "BatchNorm"), ("conv",), "BatchNorm folded into the conv"),
     (("InnerProduct", "BatchNorm", "Scale"), ("linear",), "BatchNorm folded into the linear"),
     (("InnerProduct", "BatchNorm"), ("linear",), "BatchNorm folded into the linear"),
+    # torch or unfolded ONNX against an ONNX export whose constant folding merged the BN
+    (("Conv2d", "BatchNorm2d"), ("conv",), "BatchNorm folded into the conv (ONNX export)"),
+    # onnxruntime's optimized graph against the file's own
+    (("Conv", "BatchNormalization", "Relu"), ("conv",), "BatchNorm and ReLU fused into the conv"),
+    (("Conv", "BatchNormalization"), ("conv",), "BatchNorm folded into the conv"),
+    (("Conv", "Relu"), ("conv",), "ReLU fused into the conv"),
 ]
 # CAND_GROUPS: (candidate families in execution order on one blob, reference families,
 # description). The first candidate record whose family is among the reference families is the
@@ -101,4 +138,11 @@ CAND_GROUPS: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
      "InnerProduct = flatten + Linear, BatchNorm folded in"),
     (("reshape", "linear"), ("linear",), "InnerProduct = flatten + Linear"),
     (("linear", "batchnorm"), ("linear",), "BatchNorm folded into the linear"),
+]
+
+# A reference record whose work the candidate splits over several records *after* the aligned
+# one: (reference kind, candidate kinds in order, description). The group is compared on the
+# output of its last candidate record.
+CAND_TAIL_GROUPS: list[tuple[str, tuple[str, ...], str]] = [
+    ("Scale", ("Mul", "Add"), "Caffe Scale = ONNX Mul + Add"),
 ]

@@ -107,6 +107,11 @@ def load_candidate(path: str, args: argparse.Namespace
         trace = Trace.load(p)
         params, kinds = cand_from_trace(trace)
         return params, kinds, str(trace.meta.get("dtype", "float32"))
+    if p.suffix == ".onnx" or (p.is_dir() and any(p.glob("*.onnx"))
+                               and not (p / "model.py").is_file()):
+        raise ModelFormatError(f"{p}: audit reads torch candidates; for an ONNX model run "
+                               "`layerdiff compare REF MODEL.onnx` (its findings name the "
+                               "initializers)")
     if p.is_file() and p.suffix in (".pt", ".pth"):
         sd = _state_dict_file(p)
         if sd is not None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 #: probe modules, each ``layerdiff/diagnose/probes/<name>.py``
 MODULES: tuple[str, ...] = (
     "audit_probe", "batchnorm", "train_mode", "pooling", "lrn", "layout", "preprocessing",
-    "conv", "precision", "activation", "global_pool", "geometry",
+    "conv", "precision", "activation", "global_pool", "geometry", "onnx_nodes",
 )
 
 

@@ -101,6 +101,9 @@ def float32_rerun(case: LayerCase, jitter: float = 0.0, seed: int = 0) -> np.nda
     gen = torch.Generator().manual_seed(seed)
     replace: dict[int, Any] = {}
     for k, rec in enumerate(case.cand_records):
+        if hasattr(rec.handle, "float32"):  # an ONNX node: its own float32 copy
+            replace[k] = rec.handle.float32(jitter, seed)
+            continue
         fn = getattr(rec.handle, "fn", None)
         if fn is None:
             return None
@@ -126,7 +129,8 @@ def storage_rounding(case: LayerCase, fmt: str, base: np.ndarray, samples: int =
     over ``samples`` runs with every parameter jittered by up to the format's unit roundoff)."""
     stored = [getattr(r.handle, "fn", None) for r in case.cand_records]
     reduced = any(t.dtype in _reduced_dtypes() for m in stored if hasattr(m, "parameters")
-                  for t in (*m.parameters(), *m.buffers()))
+                  for t in (*m.parameters(), *m.buffers())) or \
+        any(getattr(r.handle, "reduced_params", False) for r in case.cand_records)
     if not reduced:
         return 0.0  # float32 parameters (TF32): nothing was rounded in storage
     worst = 0.0
