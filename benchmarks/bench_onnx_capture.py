@@ -79,9 +79,10 @@ def _build(root: Path, fold: bool) -> tuple[Path, Path]:
     import torch
     from layerdiff.adapters.torch import load_torch
 
-    from layerdiff.demo import build_scenario
+    from layerdiff.demo import build_scenario, write_correct_port
 
     sc = build_scenario(root / "scenario")
+    write_correct_port(sc, sc.fixed)  # the hand-made correct port
     model = root / "resnet50.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device cuda but torch.cuda.is_available() is False (use --device cpu)",
               file=sys.stderr)
         return 2
-    from layerdiff.demo import build_scenario
+    from layerdiff.demo import build_scenario, write_correct_port
 
     budget = Budget(args.budget_s)
     t0 = time.perf_counter()
@@ -416,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="device-check-work-") as tmp:
         work = Path(tmp)
         sc = build_scenario(work / "demo")  # what `layerdiff demo --keep` writes
+        write_correct_port(sc, sc.fixed)  # the hand-made correct port
         print(f"scenario built ({time.perf_counter() - t0:.0f}s); compares:", flush=True)
         res["compares"] = run_compares(sc, args, budget, out, work, log)
         res["bench"] = run_bench(args, budget, out, log) if args.bench_batches else []

@@ -14,7 +14,7 @@ from ports import GraphPort
 require_onnx()
 
 import layerdiff  # noqa: E402
-from layerdiff.demo import INPUT, build_scenario  # noqa: E402
+from layerdiff.demo import INPUT, build_scenario, write_correct_port  # noqa: E402
 
 PRECISION = {"precision", "precision_range"}
 
@@ -26,6 +26,7 @@ def demo(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("onnx_demo")
     sc = build_scenario(root / "scenario")
+    write_correct_port(sc, sc.fixed)  # the hand-made correct port
     shape = (1, 3, 224, 224)
     buggy = export(load_torch(sc.port), shape, root / "buggy.onnx")
     fixed = export(load_torch(sc.fixed), shape, root / "fixed.onnx")

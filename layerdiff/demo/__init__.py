@@ -74,6 +74,23 @@ def build_scenario(root: str | Path, size: int = 224, seed: int = 0) -> Scenario
     return sc
 
 
+def write_correct_port(sc: Scenario, dest: str | Path | None = None) -> Path:
+    """A hand-made correct port (BatchNorm statistics divided by s) of the scenario's Caffe
+    model, for tests and benchmarks; the demo itself repairs the buggy port instead."""
+    import torch
+
+    from layerdiff.caffe import load_caffe
+    from layerdiff.demo.resnet50 import resnet50_state_dict
+
+    out = Path(dest) if dest is not None else sc.root / "torch_port_correct"
+    out.mkdir(parents=True)
+    (out / "model.py").write_text((sc.port / "model.py").read_text())
+    net = load_caffe(prototxt=sc.caffe / "deploy.prototxt",
+                     weights=sc.caffe / "resnet50.caffemodel")
+    torch.save(resnet50_state_dict(net, divide_bn=True), out / "weights.pt")
+    return out
+
+
 def run_demo(keep: str | Path | None = None, console: Console | None = None) -> int:
     """Build the scenario, compare the buggy port, repair it with ``--fix-out`` and compare
     the repaired port. 0 when it went as told."""
