@@ -5,7 +5,8 @@ See ``../shared/golden/README.md`` for the layout. Two checks per golden:
 - teacher forcing: each layer is fed the *recorded* values of its bottoms, so the error measures
   that layer alone (tolerance ``1e-5 * max(1, max|ref|)``, the README's recommendation);
 - end to end: the whole net runs from the input and every layer is compared (error grows with
-  depth; callers pass the bound).
+  depth; callers pass the bound, optionally widened to K x Caffe's own float32 noise, measured
+  against our float64 run: :func:`check_end_to_end_with_noise`).
 """
 
 from __future__ import annotations
