@@ -106,6 +106,11 @@ def _drop_bias(path: str) -> Callable:
     return plant
 
 
+def _stride_moved(p):
+    """Convolution9 (3x3, stride 2 in Caffe) at stride 1, its next conv at stride 2 instead."""
+    p.Convolution9.stride, p.Convolution10.stride = (1, 1), (2, 2)
+
+
 def _ceil(p):
     p.Pooling1.ceil_mode = False
 
@@ -218,6 +223,7 @@ PLANTS: dict[str, tuple[str, Callable]] = {
         "norm1": nn.LocalResponseNorm(5, 1e-4 / 5, 0.75)})),
     "lrn_border_divisor": ("cifar10_full", _layers(replace=_within_channel_lrn_border)),
     "model_train_mode": ("resnet20", _graph(lambda p: p.train())),
+    "stride_placement (stride on the next 3x3)": ("resnet20", _graph(_stride_moved)),
     "conv_groups (depthwise written dense)": ("mobilenet", _dense_depthwise),
     "bn_use_global_stats_false": ("resnet20 (BatchNorm7 use_global_stats: false)",
                                   _graph(lambda p: None)),

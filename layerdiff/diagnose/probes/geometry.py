@@ -20,6 +20,7 @@ import numpy as np
 
 from layerdiff.diagnose.case import LayerCase
 from layerdiff.diagnose.finding import Finding
+from layerdiff.diagnose.patch import Patch
 from layerdiff.diagnose.probes import probe
 from layerdiff.diagnose.probes.counterfactual import (
     Fixed,
@@ -178,10 +179,11 @@ def _report(case: LayerCase, ref_name: str, want: Geometry, tc: TorchConv, trial
     data = {"fields": list(changed), "caffe": {f: list(getattr(want, f)) for f in changed},
             "torch": {f: list(getattr(have, f)) for f in changed}}
     fix = tc.code(trial, changed)
+    patch = _attr_patch(tc, {_TORCH_NAMES[f]: getattr(trial, f) for f in changed})
     if changed == ("stride",):
         partner = _stride_partner(case, want.stride, have.stride)
         if partner is not None:
-            other_ref, other_cand, other_caffe, other_torch = partner
+            other_ref, other_cand, other_caffe, other_torch, other_tc = partner
             if have.stride < want.stride:  # Caffe strides this conv, the port the partner
                 caffe_at, port_at = (ref_name, want), (other_cand, other_torch)
             else:
@@ -197,18 +199,34 @@ def _report(case: LayerCase, ref_name: str, want: Geometry, tc: TorchConv, trial
             ev += (f"; the connected torch {other_cand} has stride {_show(other_torch.stride)} "
                    f"where Caffe {other_ref} has {_show(other_caffe.stride)}")
             fix = f"{tc.name}.stride = {trial.stride}; {other_cand}.stride = {other_caffe.stride}"
-            return finding(case, "stride_placement", cause, ev, fix, fixed, "conv_geometry",
-                           partner=other_cand, partner_ref=other_ref, **data)
+            both = None if patch is None else \
+                _attr_patch(other_tc, {"stride": other_caffe.stride}, patch)
+            f = finding(case, "stride_placement", cause, ev, fix, fixed, "conv_geometry",
+                        partner=other_cand, partner_ref=other_ref, **data)
+            return both.attach(f) if both is not None else f
     kind = f"conv_{changed[0]}" if len(changed) == 1 else "conv_geometry"
-    return finding(case, kind, f"the torch conv {tc.name} has {diffs}", ev, fix, fixed,
-                   "conv_geometry", **data)
+    f = finding(case, kind, f"the torch conv {tc.name} has {diffs}", ev, fix, fixed,
+                "conv_geometry", **data)
+    return patch.attach(f) if patch is not None else f
+
+
+def _attr_patch(tc: TorchConv, attrs: dict[str, Any], onto: Patch | None = None
+                ) -> Patch | None:
+    """``onto`` (if given) plus ``attrs`` set on the conv module, for ``--fix-out``; None for a
+    functional conv (its arguments live in forward: a manual fix)."""
+    if tc.module is None:
+        return None
+    p = Patch(list(onto.lines), dict(onto.arrays)) if onto is not None else Patch()
+    for attr, value in attrs.items():
+        p.set_attr(tc.name.split("#", 1)[0], attr, tuple(value))
+    return p
 
 
 def _stride_partner(case: LayerCase, want: tuple[int, int], have: tuple[int, int]
-                    ) -> tuple[str, str, Geometry, Geometry] | None:
+                    ) -> tuple[str, str, Geometry, Geometry, TorchConv] | None:
     """The nearest conv pair connected to this one (downstream when this conv lacks Caffe's
     stride, upstream when it has an extra one) whose stride differs the other way:
-    (reference name, candidate name, Caffe geometry, torch geometry)."""
+    (reference name, candidate name, Caffe geometry, torch geometry, torch conv)."""
     results = case.report.results
     me = case.result.position
     down = have < want
@@ -224,7 +242,7 @@ def _stride_partner(case: LayerCase, want: tuple[int, int], have: tuple[int, int
             continue
         first, last = (case, other) if down else (other, case)
         if _feeds(case.report.reference, first.ref_records[-1], last.ref_records[0]):
-            return caffe[0], res.pair.cand_name, caffe[1], tc.geometry
+            return caffe[0], res.pair.cand_name, caffe[1], tc.geometry, tc
     return None
 
 
