@@ -28,7 +28,8 @@ import copy
 import inspect
 import operator
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1118,9 +1119,30 @@ def set_tf32(enabled: bool) -> None:
 
     Process-wide, as torch's own flags are: the capture records them in ``trace.meta``
     (``allow_tf32_cudnn``/``allow_tf32_matmul``) and every later re-run of a layer sees the same.
+    Written through ``fp32_precision`` where torch has it, like :func:`tf32_flags` reads them.
     """
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
+    _write_tf32((enabled, enabled))
+
+
+def _write_tf32(flags: tuple[bool, bool]) -> None:
+    matmul, conv = flags
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if matmul else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if conv else "ieee"
+    except AttributeError:  # older torch: only the allow_tf32 flags
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = conv
+
+
+@contextmanager
+def tf32_disabled() -> Iterator[None]:
+    """Exact float32 on CUDA inside the block (the precision probe's re-runs), then as before."""
+    before = tf32_flags()
+    _write_tf32((False, False))
+    try:
+        yield
+    finally:
+        _write_tf32(before)
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:

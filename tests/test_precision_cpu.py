@@ -185,3 +185,25 @@ def test_tf32_meta_under_torchs_newer_precision_setting():
     finally:
         torch.backends.fp32_precision, mm.fp32_precision, conv.fp32_precision = old
     assert meta["allow_tf32_matmul"] is True and meta["allow_tf32_cudnn"] is False
+
+
+def test_tf32_switches_work_under_torchs_newer_precision_setting():
+    """The precision probe's exact-float32 re-runs and ``--tf32`` write torch's per-backend
+    ``fp32_precision`` settings: no raise once ``torch.backends.fp32_precision`` is set, and the
+    flags are back as they were afterwards."""
+    from layerdiff.adapters.torch_capture import set_tf32, tf32_flags
+    from layerdiff.diagnose.probes.precision import tf32_off
+
+    mm, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    old = (torch.backends.fp32_precision, mm.fp32_precision, conv.fp32_precision)
+    torch.backends.fp32_precision = "ieee"
+    try:
+        set_tf32(True)
+        assert tf32_flags() == (True, True)
+        with tf32_off():
+            assert tf32_flags() == (False, False)
+        assert tf32_flags() == (True, True)
+        set_tf32(False)
+        assert tf32_flags() == (False, False)
+    finally:
+        torch.backends.fp32_precision, mm.fp32_precision, conv.fp32_precision = old

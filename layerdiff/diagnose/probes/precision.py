@@ -77,15 +77,10 @@ def precision_slack(case: LayerCase) -> float:
 
 @contextlib.contextmanager
 def tf32_off() -> Iterator[None]:
-    import torch
+    from layerdiff.adapters.torch_capture import tf32_disabled
 
-    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
+    with tf32_disabled():
         yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def float32_rerun(case: LayerCase, jitter: float = 0.0, seed: int = 0) -> np.ndarray | None:
