@@ -192,6 +192,7 @@ def test_tf32_switches_work_under_torchs_newer_precision_setting():
     ``fp32_precision`` settings: no raise once ``torch.backends.fp32_precision`` is set, and the
     flags are back as they were afterwards."""
     from layerdiff.adapters.torch_capture import set_tf32, tf32_flags
+
     from layerdiff.diagnose.probes.precision import tf32_off
 
     mm, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
