@@ -168,3 +168,33 @@ def test_refusals_stay_one_line(r20, tmp_path, capsys):
     assert main([str(a) for a in base] + ["--summary-only", "--fix-out", str(full),
                                           "--force"]) == 0
     assert (full / "keep.txt").read_text() == "mine" and (full / "bad.onnx").is_file()
+
+
+def test_pooling_ceil_mode_repaired(tmp_path):
+    """A converter that pooled with floor rounding where Caffe rounds up (``ceil_mode = 0``)."""
+    from nets import caffe_net
+
+    rng = np.random.default_rng(5)
+    body = ('layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" '
+            'convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }\n'
+            'layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool" '
+            'pooling_param { pool: MAX kernel_size: 3 stride: 2 } }\n'
+            'layer { name: "conv2" type: "Convolution" bottom: "pool" top: "conv2" '
+            'convolution_param { num_output: 2 kernel_size: 1 } }\n')
+    net = caffe_net(tmp_path, body, {"data": (1, 3, 8, 8)}, {
+        "conv": [rng.normal(0, 0.3, (4, 3, 3, 3)), rng.normal(0, 1, 4)],
+        "conv2": [rng.normal(0, 0.5, (2, 4, 1, 1)), rng.normal(0, 1, 2)]}, dtype=np.float32)
+    good = export(GraphPort(net).eval(), (1, 3, 8, 8), tmp_path / "good.onnx")
+    assert layerdiff.compare(net, str(good), "uniform:-1,1:1")
+    pool = next(n.name for n in onnx.load(str(good)).graph.node if n.op_type == "MaxPool")
+    cand = _own_folder(tmp_path, set_attribute(good, tmp_path / "floor.onnx", pool,
+                                               ceil_mode=0))
+    before = snapshot(cand.parent)
+    report = layerdiff.compare(net, str(cand), "uniform:-1,1:1")
+    assert not report
+    outcome = fix_port(report, tmp_path / "fixed")
+    assert snapshot(cand.parent) == before
+    assert outcome.passed, outcome.after.failures[:3]
+    [a] = outcome.applied
+    assert a.finding.kind == "pool_ceil_mode" and a.level == "code"
+    assert a.code_lines == [f"node {pool!r} attribute ceil_mode = 1"]
