@@ -5,6 +5,7 @@ written; what has no ONNX patch is left to the user (exit 1)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -95,6 +96,9 @@ def test_epsilon_attribute_and_flipped_kernel_repaired(r20, tmp_path):
     [a] = outcome.applied
     assert a.finding.kind == "bn_eps" and a.level == "code"
     assert a.code_lines == ["node '/BatchNorm3/BatchNormalization' attribute epsilon = 1e-05"]
+    assert a.finding.data["onnx_patch"] == {
+        "initializers": [], "attributes": {"/BatchNorm3/BatchNormalization": {"epsilon": 1e-05}}}
+    json.dumps(a.finding.to_dict())  # the data form stays JSON
     m = onnx.load(str(tmp_path / "eps" / "fixed" / "eps.onnx"))
     node = next(n for n in m.graph.node if n.name == "/BatchNorm3/BatchNormalization")
     eps = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}["epsilon"]
@@ -168,6 +172,27 @@ def test_refusals_stay_one_line(r20, tmp_path, capsys):
     assert main([str(a) for a in base] + ["--summary-only", "--fix-out", str(full),
                                           "--force"]) == 0
     assert (full / "keep.txt").read_text() == "mine" and (full / "bad.onnx").is_file()
+
+
+def test_merged_findings_keep_both_onnx_patches():
+    """The ranking keeps one finding for a cause two probes saw: its data form holds both."""
+    from layerdiff.diagnose.finding import Finding
+    from layerdiff.diagnose.patch import merge_patch
+    from layerdiff.fix.apply import patchable
+
+    def one(name, node):
+        f = Finding("bn_eps", "l", "c", "e", "fix", data={"onnx_patch": {
+            "initializers": [name], "attributes": {node: {"epsilon": 1e-5}}}},
+            patch=f"initializer {name!r} = arrays[{name!r}]\nnode {node!r} attribute epsilon "
+                  "= 1e-05", patch_arrays={name: np.zeros(2)})
+        return f
+
+    winner, other = one("a", "n1"), one("b", "n2")
+    merge_patch(winner, other)
+    assert winner.data["onnx_patch"] == {"initializers": ["b", "a"], "attributes": {
+        "n2": {"epsilon": 1e-5}, "n1": {"epsilon": 1e-5}}}
+    assert sorted(winner.patch_arrays) == ["a", "b"]
+    assert patchable([winner, one("a", "n1")]) == ([winner], [])  # covered: dropped
 
 
 def test_pooling_ceil_mode_repaired(tmp_path):

@@ -77,7 +77,8 @@ def _plain(v: Any) -> Any:
         return [_plain(x) for x in v]
     if isinstance(v, (np.integer, bool)):
         return int(v)
-    return float(v) if isinstance(v, np.floating) else v
+    # attributes are float32: 1e-05 in the data, not 9.999999747378752e-06
+    return float(f"{float(v):.7g}") if isinstance(v, (float, np.floating)) else v
 
 
 def _literal(v: Any) -> str:
