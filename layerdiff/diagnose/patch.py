@@ -149,3 +149,12 @@ def merge_patch(winner: Any, other: Any) -> None:
         return
     winner.patch = "\n".join(extra + mine)
     winner.patch_arrays = {**other.patch_arrays, **winner.patch_arrays}
+    theirs = other.data.get("onnx_patch")
+    if theirs:  # the same patch as data (layerdiff.fix.onnx_port applies that form)
+        ours = winner.data.setdefault("onnx_patch", {"initializers": [], "attributes": {}})
+        ours["initializers"] = list(dict.fromkeys(theirs.get("initializers", []) +
+                                                  ours.get("initializers", [])))
+        attrs = {n: dict(a) for n, a in theirs.get("attributes", {}).items()}
+        for n, a in ours.get("attributes", {}).items():
+            attrs.setdefault(n, {}).update(a)
+        ours["attributes"] = attrs

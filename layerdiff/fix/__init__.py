@@ -1,12 +1,16 @@
 """``--fix-out DIR``: write the candidate with every proven fix applied, and prove it passes.
 
 1. copy the candidate into DIR (the user's folder is only read);
-2. load the candidate fresh and run each finding's patch (``Finding.patch``, set by the probes
-   whose counterfactual proved it); tensor-only statements go into DIR/weights.pt, the others
-   into DIR/model.py, which builds the original model and patches it in place;
+2. torch ``model.py`` ports: load the candidate fresh and run each finding's patch
+   (``Finding.patch``, set by the probes whose counterfactual proved it); tensor-only statements
+   go into DIR/weights.pt, the others into DIR/model.py, which builds the original model and
+   patches it in place. ONNX files (``layerdiff.fix.onnx_port``): each finding's patch as data
+   (``data["onnx_patch"]``: initializers, node attributes) is applied to a copy of the file with
+   the ``onnx`` API, saved as DIR/<name>.onnx and checked with ``onnx.checker``;
 3. compare the reference with DIR again; 4. DIR/FIXES.md says what changed and what it did.
 
-Findings without a patch (an op inside forward, a precision choice) are listed as manual.
+Findings without a patch (an op inside forward, a precision choice, a torch patch on an ONNX
+candidate) are listed as manual.
 This package sits above the comparator and the diagnosis and imports them, never the reverse.
 """
 
@@ -31,7 +35,8 @@ def check_fixable(candidate: Any, out_dir: str | Path, force: bool = False) -> N
     """Refuse, before any comparison runs, what ``--fix-out`` cannot do (one line each)."""
     if not isinstance(candidate, (str, Path)):
         raise LayerdiffError("--fix-out needs the candidate as a path (a torch port folder "
-                             f"with model.py), not a {type(candidate).__name__}")
+                             f"with model.py or an .onnx file), not a "
+                             f"{type(candidate).__name__}")
     from layerdiff.sources import detect_framework
 
     cand = Path(candidate)
@@ -40,8 +45,8 @@ def check_fixable(candidate: Any, out_dir: str | Path, force: bool = False) -> N
         raise LayerdiffError(f"{cand}: nothing to patch in a trace (it holds recorded values, "
                              "not the model)")
     if framework not in _PORT_WRITERS:
-        raise LayerdiffError(f"{cand}: --fix-out cannot repair {framework} candidates yet "
-                             f"(it repairs {', '.join(_PORT_WRITERS)} ports written as model.py)")
+        raise LayerdiffError(f"{cand}: --fix-out cannot repair {framework} candidates (it "
+                             "repairs torch ports written as model.py and ONNX files)")
     _PORT_WRITERS[framework].check(cand, Path(out_dir), force)
 
 
@@ -60,20 +65,22 @@ def fix_port(report: Report, out_dir: str | Path, *, force: bool = False,
     out = Path(out_dir)
     check_fixable(call["candidate"], out, force)
     cand = Path(call["candidate"])
-    auto, manual = patchable(report.findings)
-    outcome = FixOutcome(out, report, report, manual=manual)
-    if auto:
-        from layerdiff.sources import ModelOptions, detect_framework
+    from layerdiff.sources import ModelOptions, detect_framework
 
+    framework = detect_framework(cand)
+    writer = _PORT_WRITERS[framework]
+    auto, manual = _patchable(writer, report.findings)
+    outcome = FixOutcome(out, report, report, manual=manual, framework=framework)
+    if auto:
         copts = call.get("cand_options") or ModelOptions()
-        writer = _PORT_WRITERS[detect_framework(cand)]
-        call.update(candidate=str(out), progress=progress,
+        target = writer.target(cand, out) if hasattr(writer, "target") else out
+        call.update(candidate=str(target), progress=progress,
                     cand_options=replace(copts, prototxt=None, weights=None))
         for rounds in range(1, MAX_ROUNDS + 1):
             # every round rebuilds DIR from the user's candidate: patches set absolute values
             outcome.applied = writer.write(cand, out, auto, copts, force or rounds > 1)
             outcome.after, outcome.rounds = _compare_and_diagnose(call), rounds
-            more, still_manual = patchable(auto + outcome.after.findings)
+            more, still_manual = _patchable(writer, auto + outcome.after.findings)
             outcome.manual = _union(manual, still_manual)
             if outcome.after or len(more) == len(auto):
                 break
@@ -81,6 +88,15 @@ def fix_port(report: Report, out_dir: str | Path, *, force: bool = False,
         (out / "FIXES.md").write_text(fixes_markdown(outcome))
     report.fixes = outcome
     return outcome
+
+
+def _patchable(writer: Any, findings: list[Finding]) -> tuple[list[Finding], list[Finding]]:
+    """``patchable``, less the patches this writer cannot apply (they join the manual ones)."""
+    auto, manual = patchable(findings)
+    if not hasattr(writer, "accepts"):
+        return auto, manual
+    return [f for f in auto if writer.accepts(f)], \
+        [f for f in auto if not writer.accepts(f)] + manual
 
 
 def _compare_and_diagnose(call: dict[str, Any]) -> Report:
@@ -120,6 +136,12 @@ class _TorchPorts:
         return applied
 
 
-#: one writer per candidate framework; an ONNX writer (initializers, attributes via the onnx
-#: API) plugs in here with the same check/write pair
-_PORT_WRITERS: dict[str, Any] = {"torch": _TorchPorts}
+def _onnx_writer() -> Any:
+    from layerdiff.fix.onnx_port import OnnxPorts
+
+    return OnnxPorts
+
+
+#: one writer per candidate framework: a check/write pair (optional: ``target``, the path
+#: compared again, DIR by default; ``accepts``, which findings' patches it can apply)
+_PORT_WRITERS: dict[str, Any] = {"torch": _TorchPorts, "onnx": _onnx_writer()}

@@ -9,6 +9,20 @@ def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
 
+#: (weight-level, code-level) statements: where they went
+_WHERE = {"torch": ("statement(s) baked into weights.pt", "line(s) in model.py"),
+          "onnx": ("initializer(s) replaced", "node attribute(s) set")}
+
+
+def _layout(outcome: FixOutcome) -> str:
+    if outcome.framework == "onnx":
+        return ("The `.onnx` file here is a copy of the candidate (which is unchanged) with the "
+                "initializers and node attributes below set through the `onnx` API; it passes "
+                "`onnx.checker`.")
+    return ("`model.py` builds the original port (`original/`, unchanged) and applies the "
+            "code-level fixes; `weights.pt` holds all weights with the weight-level fixes.")
+
+
 def fixes_markdown(outcome: FixOutcome) -> str:
     before, after = outcome.summaries()
     verdict = "passes" if after.passed else "still diverges"
@@ -24,10 +38,10 @@ def fixes_markdown(outcome: FixOutcome) -> str:
         "| before | {} | {} | {} |".format(*before.cells()),
         "| after | {} | {} | {} |".format(*after.cells()),
         "",
-        "`model.py` builds the original port (`original/`, unchanged) and applies the "
-        "code-level fixes; `weights.pt` holds all weights with the weight-level fixes.",
+        _layout(outcome),
         "",
     ]
+    where = _WHERE.get(outcome.framework, _WHERE["torch"])
     for i, a in enumerate(outcome.applied, 1):
         f = a.finding
         out += [f"## {i}. `{f.kind}`" + (f" at {f.layer}" if f.layer else ""), "",
@@ -35,10 +49,9 @@ def fixes_markdown(outcome: FixOutcome) -> str:
                 f"- the pair's error re-run with the fix: {_num(f.error_before)} -> "
                 f"{_num(f.error_after)}",
                 f"- applied as: {a.level} ("
-                + (f"{len(a.weight_lines)} statement(s) baked into weights.pt" if a.weight_lines
-                   else "")
+                + (f"{len(a.weight_lines)} {where[0]}" if a.weight_lines else "")
                 + ("; " if a.weight_lines and a.code_lines else "")
-                + (f"{len(a.code_lines)} line(s) in model.py" if a.code_lines else "")
+                + (f"{len(a.code_lines)} {where[1]}" if a.code_lines else "")
                 + (f"{len(a.noop_lines)} statement(s) changed nothing" if a.level == "no change"
                    else "") + ")",
                 "", "For your own conversion script:", "", "```python", f.fix, "```", ""]

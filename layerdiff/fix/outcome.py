@@ -53,6 +53,8 @@ class FixOutcome:
     manual: list[Finding] = field(default_factory=list)
     #: how many times DIR was written and compared (see fix_port)
     rounds: int = 0
+    #: the candidate's framework: what DIR holds (torch: model.py + weights.pt; onnx: the file)
+    framework: str = "torch"
 
     @property
     def written(self) -> bool:

@@ -32,8 +32,10 @@ def show(outcome: FixOutcome, console: Console) -> None:
         console.print(f"--fix-out: nothing written to {escape(str(outcome.out_dir))}: {what}")
         _manual(outcome, console)
         return
+    files = "the patched .onnx, FIXES.md" if outcome.framework == "onnx" else \
+        "model.py, weights.pt, FIXES.md"
     console.print(f"[bold]--fix-out[/]: wrote the repaired port to "
-                  f"{escape(str(outcome.out_dir))} (model.py, weights.pt, FIXES.md)")
+                  f"{escape(str(outcome.out_dir))} ({files})")
     for a in outcome.applied:
         f = a.finding
         where = f" at {f.layer}" if f.layer else ""

@@ -4,6 +4,8 @@ The ONNX records' handles re-run one node with onnxruntime, with other initializ
 (``with_params``) or attributes (``with_attributes``). Each probe puts Caffe's value in, re-runs
 the node on the reference's inputs, and reports only when that removes (almost) all the error.
 Evidence names the initializer and attribute; the fix is the ``onnx`` API patch of the file.
+Each finding also carries the same patch as data (``onnx_patch``): ``--fix-out`` applies it to
+a copy of the file with the ``onnx`` API, no printed code is run.
 """
 
 from __future__ import annotations
@@ -53,6 +55,30 @@ def attribute_fix(node: str, attrs: dict[str, Any]) -> str:
     return (f"n = next(n for n in m.graph.node if n.name == {node!r}); "
             f"keep = [a for a in n.attribute if a.name not in {sorted(attrs)!r}]; "
             f"del n.attribute[:]; n.attribute.extend(keep + [{sets}])")
+
+
+def onnx_patch(f: Finding, arrays: dict[str, np.ndarray] | None = None,
+               attributes: dict[str, dict[str, Any]] | None = None) -> Finding:
+    """``f`` with its fix as data: ``data["onnx_patch"]`` names the initializers (new values in
+    ``patch_arrays``) and the attributes per node; ``patch`` lists the same, one line per change
+    (what ``layerdiff.fix`` de-duplicates and counts; it is not run)."""
+    arrays = {k: np.asarray(v) for k, v in (arrays or {}).items()}
+    attributes = {n: {k: _plain(v) for k, v in a.items()} for n, a in (attributes or {}).items()}
+    f.data["onnx_patch"] = {"initializers": list(arrays), "attributes": attributes}
+    f.patch_arrays = arrays
+    f.patch = "\n".join([f"initializer {k!r} = arrays[{k!r}]" for k in arrays] +
+                        [f"node {n!r} attribute {k} = {_literal(v)}"
+                         for n, a in attributes.items() for k, v in a.items()])
+    return f
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [_plain(x) for x in v]
+    if isinstance(v, (np.integer, bool)):
+        return int(v)
+    # attributes are float32: 1e-05 in the data, not 9.999999747378752e-06
+    return float(f"{float(v):.7g}") if isinstance(v, (float, np.floating)) else v
 
 
 def _literal(v: Any) -> str:
@@ -113,6 +139,8 @@ def _bn_finding(case: LayerCase, rec: Any, bn: CaffeBN, what: str, mean: np.ndar
     caffe = bn.layer.name
     parts: list[str] = []
     fixes: list[str] = []
+    arrays: dict[str, np.ndarray] = {}
+    attributes: dict[str, dict[str, Any]] = {}
     kind = "bn_params"
     cause = (f"the BatchNormalization's statistics are Caffe's undivided by s = {bn.s:.6g} and "
              f"its epsilon is {eps:g} (Caffe: {bn.eps:g})")
@@ -128,9 +156,11 @@ def _bn_finding(case: LayerCase, rec: Any, bn: CaffeBN, what: str, mean: np.ndar
         if every and what == "stats":
             parts.append(f"every BatchNormalization of the file ({len(every) // 2}) holds its "
                          f"Caffe statistics undivided by s = {bn.s:.6g}")
-            fixes.append(scale_initializers_fix(every, bn.s))
+            fixes.append(scale_initializers_fix(list(every), bn.s))
+            arrays.update({k: v / bn.s for k, v in every.items()})
         else:
             fixes.append(scale_initializers_fix([m_name, v_name], bn.s))
+            arrays.update({m_name: mean / bn.s, v_name: var / bn.s})
     if "eps" in what:
         if what == "eps":
             kind = "bn_eps"
@@ -138,18 +168,21 @@ def _bn_finding(case: LayerCase, rec: Any, bn: CaffeBN, what: str, mean: np.ndar
                      f"batch_norm_param.eps = {bn.eps:g}")
         parts.append(f"node {rec.name} attribute epsilon = {eps:g}, Caffe eps = {bn.eps:g}")
         fixes.append(attribute_fix(rec.name, {"epsilon": float(bn.eps)}))
+        attributes[rec.name] = {"epsilon": float(bn.eps)}
     fix = patch_file(case, "; ".join(fixes))
-    return finding(case, kind, cause, "; ".join(parts), fix, fixed, "onnx_batchnorm",
-                   initializers=[m_name, v_name], scale_factor=bn.s, onnx=True)
+    return onnx_patch(finding(case, kind, cause, "; ".join(parts), fix, fixed, "onnx_batchnorm",
+                              initializers=[m_name, v_name], scale_factor=bn.s, onnx=True),
+                      arrays, attributes)
 
 
-def _undivided_everywhere(case: LayerCase, s: float) -> list[str] | None:
-    """The mean/var initializers of every BatchNormalization of the candidate when each one is
-    aligned with a Caffe BatchNorm of factor ``s`` and holds its blobs undivided (one converter
-    loop made them all), else None."""
-    names: list[str] = []
+def _undivided_everywhere(case: LayerCase, s: float) -> dict[str, np.ndarray] | None:
+    """The mean/var initializers (name -> the file's values) of every BatchNormalization of the
+    candidate when each one is aligned with a Caffe BatchNorm of factor ``s`` and holds its
+    blobs undivided (one converter loop made them all), else None."""
+    names: dict[str, np.ndarray] = {}
     pairs = case.report.alignment.pairs
     n_bn = sum(1 for r in case.cand_trace if r.kind == "BatchNormalization")
+    count = 0
     for p in pairs:
         rec = next((c for c in p.cand if c.kind == "BatchNormalization"), None)
         if rec is None:
@@ -163,10 +196,12 @@ def _undivided_everywhere(case: LayerCase, s: float) -> list[str] | None:
                 _close(_vec(rec.params["running_var"]), _vec(lay.blobs[1]))):
             return None
         inits = rec.attrs.get("initializers", {})
-        names += [inits["running_mean"], inits["running_var"]]
-    if len(names) != 2 * n_bn or n_bn < 2:
+        for key in ("running_mean", "running_var"):
+            names.setdefault(inits[key], np.asarray(rec.params[key], dtype=np.float64))
+        count += 1
+    if count != n_bn or n_bn < 2:
         return None
-    return list(dict.fromkeys(names))
+    return names
 
 
 # -- pooling --------------------------------------------------------------------------------
@@ -214,8 +249,9 @@ def onnx_pooling(case: LayerCase) -> Finding | None:
             cause = (f"the ONNX {rec.kind} differs from Caffe's pooling in "
                      f"{', '.join(changed)}")
             fix = patch_file(case, attribute_fix(rec.name, trial))
-            return finding(case, kind, cause, ev, fix, fixed, "onnx_pooling",
-                           changed=list(changed), onnx=True)
+            return onnx_patch(finding(case, kind, cause, ev, fix, fixed, "onnx_pooling",
+                                      changed=list(changed), onnx=True),
+                              attributes={rec.name: trial})
     return None
 
 
@@ -287,6 +323,6 @@ def onnx_weight_layout(case: LayerCase) -> Finding | None:
         ev = f"ONNX initializer {name} {list(w.shape)} rearranged as {expr} fixes node {rec.name}"
         fix = patch_file(case, f"[t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray("
                          f"{expr}), t.name)) for t in m.graph.initializer if t.name == {name!r}]")
-        return finding(case, kind, cause, ev, fix, fixed, "onnx_weight_layout",
-                       initializer=name, onnx=True)
+        return onnx_patch(finding(case, kind, cause, ev, fix, fixed, "onnx_weight_layout",
+                                  initializer=name, onnx=True), {name: arranged})
     return None
