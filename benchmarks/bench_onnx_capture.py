@@ -27,12 +27,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from timing import interleaved
 
 BASELINE = """
 import sys, numpy as np, onnxruntime as ort
@@ -46,18 +45,6 @@ s = ort.InferenceSession(open(sys.argv[2], "rb").read(), session_options(ort),
 s.run(None, {s.get_inputs()[0].name: x})
 run_caffe(net, {"data": x})
 """
-
-
-def _measure(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    for fn in runs.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return times
 
 
 def _table(title: str, times: dict[str, list[float]], base_of: dict[str, str]) -> None:
@@ -125,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         nodes = len(model.proto.graph.node)
         print(f"ResNet-50 ONNX ({nodes} nodes, {'BN folded' if args.fold else 'BN kept'}), "
               f"onnxruntime {ort.__version__}, {args.rounds} rounds")
-        times = _measure({
+        times = interleaved({
             "plain run": lambda: plain.run(None, {"data": x}),
             "every value run": lambda: full.run(None, {"data": x}),
             "plain session+run": cold_plain,
@@ -141,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         runs = {k: (lambda cmd=cmd: subprocess.run(cmd, check=False, capture_output=True))
                 for k, cmd in e2e.items()}
-        t_e2e = _measure(runs, args.e2e_rounds)
+        t_e2e = interleaved(runs, args.e2e_rounds)
         _table("\nend to end, fresh processes: compare CAFFE_DIR model.onnx vs the baseline "
                "(import + load + one ORT run + one NumPy forward)", t_e2e,
                {"layerdiff compare": "baseline"})

@@ -37,21 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from layerdiff.adapters.torch import capture_torch  # noqa: E402
+from timing import interleaved  # noqa: E402
 from torch_models import resnet50  # noqa: E402
 
 _TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
-
-
-def _measure(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    for fn in runs.values():  # warm-up: allocator, caches, the instrumented graph
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return times
 
 
 def _summary(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
@@ -124,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(a.nbytes for r in first for a in r.outputs) / 2 ** 20:.0f} MiB of outputs")
     out_bytes = sum(a.nbytes for r in first for a in r.outputs)
     del first
-    times = _measure(runs, args.rounds)
+    times = interleaved(runs, args.rounds)
     tuned = all(os.environ.get(k) == v for k, v in _TUNED_ENV.items())
     _table("malloc tuned (MALLOC_*_THRESHOLD_):" if tuned else "default malloc settings:",
            times)
